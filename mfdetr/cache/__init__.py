@@ -1,0 +1,1 @@
+"""The Zarr cache: schema, writer (extract), reader (torch Dataset), fingerprints, info/verify."""

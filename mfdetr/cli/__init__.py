@@ -1,0 +1,33 @@
+"""``mfdetr`` console script: a thin typer layer over the Python API.
+
+Each command lives in its own module and registers itself on ``app``; ``main`` turns
+``MfdetrError`` into a one-line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from mfdetr.cli.app import app
+from mfdetr.errors import MfdetrError
+
+_COMMAND_MODULES = ["synth", "extract", "cache_cmds", "train", "evaluate", "predict", "run"]
+for _name in _COMMAND_MODULES:
+    try:
+        importlib.import_module(f"mfdetr.cli.{_name}")
+    except ModuleNotFoundError as e:  # a command module not written yet
+        if e.name != f"mfdetr.cli.{_name}":
+            raise
+
+
+def main() -> None:
+    """Entry point of the ``mfdetr`` script."""
+    try:
+        app()
+    except MfdetrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["app", "main"]

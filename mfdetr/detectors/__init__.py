@@ -1,0 +1,1 @@
+"""Frozen detectors: the protocol, the spec registry and the adapters."""
