@@ -1,0 +1,333 @@
+"""Writing a cache: create-or-open a store safely, and write whole blocks of images.
+
+Safety rules (docs/DESIGN.md, "Cache"):
+- a store is created once: the group is born with an ``mfdetr_incomplete`` marker, then come
+  every array, then the ``mfdetr`` metadata attribute (and consolidated metadata). Creation never
+  deletes data and never writes the marker over finished metadata, so independent jobs
+  (``--shard i/n``) may race to create the same store: they all write identical metadata. A store
+  whose ``mfdetr`` fingerprint differs is refused with a clear error.
+- a writer owns whole blocks (= shards) and writes each block's arrays once, ``done`` last; a killed
+  writer leaves ``done`` unset for its current block, which the next run rewrites whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch import Tensor
+
+from mfdetr.cache.schema import (
+    ATTR_KEY,
+    FEAT_GROUP,
+    FLOAT16_MAX,
+    INCOMPLETE_KEY,
+    ArraySpec,
+    array_specs,
+    check_meta,
+    codecs_for,
+    quiet_zarr,
+)
+from mfdetr.errors import MfdetrError
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for fsspec URLs (``s3://``, ``http://``, ``memory://``, ...), False for local paths."""
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> Path | None:
+    """The local filesystem path of a store, or None for a remote URL."""
+    s = str(path)
+    if s.startswith("file://"):
+        return Path(s[len("file://"):])
+    return None if is_url(s) else Path(s)
+
+
+def store_arg(path: str | os.PathLike) -> str:
+    """What zarr.open_group takes for ``path`` (local paths as str, URLs as they are)."""
+    lp = local_path(path)
+    return str(lp) if lp is not None else str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# storage dtype conversion
+
+
+FLOAT16_MIN_NORMAL = 2.0**-14
+
+
+def encode_float(x: Tensor, dtype: str, keepbits: int | None, stats: dict[str, int] | None = None) -> np.ndarray:
+    """float tensor -> the on-disk numpy array for storage ``dtype`` (see schema.STORAGE_DTYPES).
+
+    float16 clamps to +-65504 (no inf on disk); bfloat16 becomes uint16 bit patterns, bit-rounded
+    here when ``keepbits`` is set (float16/float32 are bit-rounded by the array's BitRound filter).
+    ``stats`` (float16 only) accumulates ``nonzero``, ``below_normal`` (0 < |x| < 2^-14: precision
+    lost), ``flushed`` (became 0) and ``clamped`` (|x| > 65504) counts.
+    """
+    x = x.detach().to("cpu", torch.float32)
+    if dtype == "float32":
+        return x.numpy()
+    if dtype == "float16":
+        h = x.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
+        if stats is not None:
+            a = x.abs()
+            nz = int(torch.count_nonzero(a))
+            stats["nonzero"] = stats.get("nonzero", 0) + nz
+            normal = int(torch.count_nonzero(a >= FLOAT16_MIN_NORMAL))
+            stats["below_normal"] = stats.get("below_normal", 0) + nz - normal
+            stats["flushed"] = stats.get("flushed", 0) + nz - int(torch.count_nonzero(h))
+            stats["clamped"] = stats.get("clamped", 0) + int(torch.count_nonzero(a > FLOAT16_MAX))
+        return h.numpy()
+    if dtype == "bfloat16":
+        if keepbits is not None:
+            import numcodecs
+
+            rounded = numcodecs.BitRound(int(keepbits)).encode(np.ascontiguousarray(x.numpy())).view(np.float32)
+            x = torch.from_numpy(np.array(rounded, dtype=np.float32).reshape(x.shape))
+        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    raise MfdetrError(f"unknown storage dtype {dtype!r}")
+
+
+def decode_float(a: np.ndarray, dtype: str) -> Tensor:
+    """On-disk numpy array -> float32 tensor (inverse of ``encode_float``)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# store creation / opening
+
+
+def _describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
+    diffs = []
+    if old.get("detector", {}).get("fingerprint") != new["detector"]["fingerprint"]:
+        diffs.append(
+            f"detector {old.get('detector', {}).get('spec')!r} fp "
+            f"{str(old.get('detector', {}).get('fingerprint'))[:12]} vs {new['detector']['spec']!r} fp "
+            f"{new['detector']['fingerprint'][:12]}"
+        )
+    if old.get("dataset", {}).get("fingerprint") != new["dataset"]["fingerprint"]:
+        diffs.append(
+            f"dataset {old.get('dataset', {}).get('annotations')!r} vs {new['dataset']['annotations']!r}"
+        )
+    oo, no = old.get("options", {}), new["options"]
+    for key in sorted(set(oo) | set(no)):
+        if oo.get(key) != no.get(key):
+            diffs.append(f"options.{key} {oo.get(key)!r} vs {no.get(key)!r}")
+    return "; ".join(diffs) or "schema or version"
+
+
+def _check_local_target(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise MfdetrError(f"cache path {path} exists and is a file, not a Zarr store; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+        raise MfdetrError(
+            f"cache path {path} is a non-empty directory that is not a Zarr store; choose another --out"
+        )
+
+
+def _open_group(path: str, mode: str, attributes: dict[str, Any] | None = None) -> zarr.Group:
+    try:
+        try:
+            return zarr.open_group(store_arg(path), mode=mode, attributes=attributes)
+        except (zarr.errors.ContainsGroupError, FileExistsError):
+            # another job created it between our "is it there?" and "create it": open theirs
+            return zarr.open_group(store_arg(path), mode="r+")
+    except FileNotFoundError as e:
+        raise MfdetrError(f"no cache at {path}") from e
+
+
+def _create_array(g: zarr.Group, spec: ArraySpec, opts: dict[str, Any]) -> None:
+    kw = codecs_for(spec, opts)
+    try:
+        g.create_array(
+            spec.name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks, shards=spec.shards,
+            fill_value=spec.fill_value, attributes=dict(spec.attributes), overwrite=False, **kw,
+        )
+    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError):
+        a = g[spec.name]
+        if tuple(a.shape) != spec.shape or np.dtype(a.dtype) != np.dtype(spec.dtype):
+            raise MfdetrError(
+                f"array {spec.name} exists with shape {a.shape} {a.dtype}, expected {spec.shape} {spec.dtype}; "
+                "the store is from another extraction: delete it or choose another --out"
+            ) from None
+
+
+@quiet_zarr()
+def create_or_open(path: str, meta: dict[str, Any], create: bool = True) -> zarr.Group:
+    """Open the store at ``path`` for writing the cache described by ``meta``, creating it if absent.
+
+    Raises MfdetrError when the path holds another cache (different fingerprint, with what differs),
+    something that is not an mfdetr cache, or (``create=False``) nothing.
+    """
+    fp = meta["fingerprint"]
+    lp = local_path(path)
+    if lp is not None:
+        _check_local_target(lp)
+        if not create and not (lp / "zarr.json").exists():
+            raise MfdetrError(f"no cache at {path} (rank 0 should have created it)")
+    # a new group is born with the "being created" marker (one atomic write): a concurrent job never
+    # sees an unmarked group, and nobody ever writes the marker over finished metadata
+    g = _open_group(path, "a", {INCOMPLETE_KEY: fp}) if create else _open_group(path, "r+")
+    existing = g.attrs.get(ATTR_KEY)
+    if existing is not None:
+        if not isinstance(existing, dict) or existing.get("fingerprint") != fp:
+            old_fp = existing.get("fingerprint", "?") if isinstance(existing, dict) else "?"
+            raise MfdetrError(
+                f"{path} holds another cache (fingerprint {str(old_fp)[:12]}, this extraction's is {fp[:12]}): "
+                f"differs in {_describe_mismatch(existing if isinstance(existing, dict) else {}, meta)}. "
+                "Use another --out, or --cache-root to name stores by fingerprint."
+            )
+        check_meta(existing, str(path))
+        if create and g.metadata.consolidated_metadata is None:  # killed right after creation: finish it
+            zarr.consolidate_metadata(store_arg(path))
+            g = zarr.open_group(store_arg(path), mode="r+")
+        return g
+    if not create:
+        raise MfdetrError(f"{path} is not a complete mfdetr cache yet (rank 0 should have created it)")
+    marker = g.attrs.get(INCOMPLETE_KEY)
+    if marker is None and len(list(g.keys())) > 0:
+        raise MfdetrError(f"{path} is a Zarr group that is not an mfdetr cache; choose another --out")
+    if marker is not None and marker != fp:
+        raise MfdetrError(
+            f"{path} holds an interrupted creation of another cache (fingerprint {str(marker)[:12]}); "
+            "delete it or choose another --out"
+        )
+    if marker is None:  # an empty group that was already there: adopt it
+        g.attrs[INCOMPLETE_KEY] = fp
+    try:
+        g.require_group(FEAT_GROUP)
+    except (zarr.errors.ContainsGroupError, FileExistsError):
+        pass  # a concurrent job just made it
+    for spec in array_specs(meta):
+        _create_array(g, spec, meta["options"])
+    g.attrs.put({ATTR_KEY: meta})
+    zarr.consolidate_metadata(store_arg(path))
+    return zarr.open_group(store_arg(path), mode="r+")
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+
+def _filled(shape: tuple[int, ...], fill: Any, dtype: str) -> np.ndarray:
+    if fill == 0 or fill is False:
+        return np.zeros(shape, dtype=dtype)  # calloc: pages zeroed lazily, no pass over big feature blocks
+    return np.full(shape, fill, dtype=dtype)
+
+
+class BlockBuffer:
+    """In-memory arrays of one block (positions ``start..stop``), filled image by image."""
+
+    def __init__(self, block: int, start: int, stop: int, specs: list[ArraySpec]) -> None:
+        self.block, self.start, self.stop = block, start, stop
+        self.arrays = {s.name: _filled((stop - start, *s.shape[1:]), s.fill_value, s.dtype) for s in specs}
+        self.filled = np.zeros(stop - start, dtype=bool)
+
+    def put(self, position: int, values: dict[str, np.ndarray]) -> None:
+        """Store one image's arrays (feature maps may be smaller than the padded shape)."""
+        j = position - self.start
+        for name, v in values.items():
+            dst = self.arrays[name]
+            v = np.asarray(v)
+            if name.startswith(FEAT_GROUP + "/"):
+                c, h, w = v.shape
+                if c != dst.shape[1] or h > dst.shape[2] or w > dst.shape[3]:
+                    raise MfdetrError(
+                        f"image position {position}: level {name[len(FEAT_GROUP) + 1:]} map is {tuple(v.shape)}, "
+                        f"larger than the cache's padded {tuple(dst.shape[1:])}: the detector's input_size() "
+                        "disagrees with what detect() returned"
+                    )
+                dst[j, :, :h, :w] = v
+            else:
+                dst[j] = v
+        self.filled[j] = True
+
+    def put_bad(self, position: int, image_id: int) -> None:
+        """Mark one image as skipped (bad input): no data, ``bad`` set."""
+        j = position - self.start
+        self.arrays["image_id"][j] = image_id
+        self.arrays["bad"][j] = True
+        self.filled[j] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.filled.all())
+
+
+class BlockWriter:
+    """Writes whole blocks into an open cache group; ``done`` last."""
+
+    @quiet_zarr()
+    def __init__(self, group: zarr.Group, meta: dict[str, Any]) -> None:
+        self.group = group
+        self.meta = meta
+        self.specs = array_specs(meta)
+        self.n = int(meta["dataset"]["num_images"])
+        self.block = int(meta["options"]["block"])
+        self._arrays = {s.name: group[s.name] for s in self.specs}
+
+    @property
+    def num_blocks(self) -> int:
+        return (self.n + self.block - 1) // self.block
+
+    def block_range(self, b: int) -> tuple[int, int]:
+        return b * self.block, min(self.n, (b + 1) * self.block)
+
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self._arrays["done"][:], dtype=bool)
+
+    def pending_blocks(self, owned: list[int]) -> list[int]:
+        """The blocks of ``owned`` with at least one image not done."""
+        done = self.done_mask()
+        out = []
+        for b in owned:
+            s, e = self.block_range(b)
+            if not done[s:e].all():
+                out.append(b)
+        return out
+
+    def new_buffer(self, b: int) -> BlockBuffer:
+        s, e = self.block_range(b)
+        return BlockBuffer(b, s, e, self.specs)
+
+    def write(self, buf: BlockBuffer) -> None:
+        """Write every array of a complete block, then its ``done`` flags."""
+        if not buf.complete:
+            raise RuntimeError(f"block {buf.block} written before all its images arrived")
+        from zarr.core.sync import sync
+
+        s, e = buf.start, buf.stop
+        sel = slice(s, e)
+
+        async def _all() -> None:
+            await asyncio.gather(
+                *(self._arrays[spec.name]._async_array.setitem(sel, buf.arrays[spec.name])
+                  for spec in self.specs if spec.name != "done")
+            )
+
+        sync(_all())  # every data array of the block (concurrently), then:
+        self._arrays["done"][s:e] = np.ones(e - s, dtype=bool)
+
+
+def float16_warnings(stats: dict[str, dict[str, int]], threshold: float = 0.01) -> list[str]:
+    """Human warnings for arrays whose float16 storage lost much (see ``encode_float`` stats)."""
+    out = []
+    for name, st in stats.items():
+        nz = max(1, st.get("nonzero", 0))
+        below, flushed, clamped = st.get("below_normal", 0), st.get("flushed", 0), st.get("clamped", 0)
+        if below / nz > threshold or clamped / nz > 1e-4:
+            out.append(
+                f"{name}: {100 * below / nz:.1f}% of its non-zero values are below float16's normal range "
+                f"(|x| < 6.1e-05; {100 * flushed / nz:.1f}% became 0) and {clamped} exceeded 65504 (clamped): "
+                "float16 loses this level; extract with --dtype bfloat16 (float32's range) or float32"
+            )
+    return out

@@ -1,0 +1,96 @@
+"""``mfdetr extract``: stage one, the frozen detector once per image into a Zarr cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mfdetr.cli.app import app
+
+
+@app.command("extract")
+def extract_cmd(
+    detector: str = typer.Option(..., "--detector", help="Detector spec: 'shapes' (shipped), 'hf:PATH' (a Hugging Face "
+                                 "checkpoint folder) or 'py:module:function' (a factory returning a FrozenDetector)."),
+    images: Path = typer.Option(..., "--images", help="Image root; the JSON's file_name values are relative to it."),
+    annotations: Path = typer.Option(..., "--annotations", help="COCO instances JSON (needed for the mask targets)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Store path or fsspec URL to write. Default: a store named "
+                                      "by its fingerprint under --cache-root."),
+    cache_root: Optional[str] = typer.Option(None, "--cache-root", help="Directory (or URL) holding stores named "
+                                             "<detector>-<dataset>-<fingerprint>.zarr; an identical earlier "
+                                             "extraction is found and reused. Default: ./cache."),
+    topk: int = typer.Option(100, "--topk", help="Boxes kept per image (top-k by score)."),
+    levels: Optional[str] = typer.Option(None, "--levels", help="Comma-separated feature level names to store "
+                                         "(default: the detector's default levels)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of features and queries: float16, bfloat16 "
+                              "or float32."),
+    codec: str = typer.Option("zstd", "--codec", help="Compressor: zstd, lz4 (Blosc, byte shuffle), blosc-zstd "
+                              "(Blosc zstd, byte shuffle) or none."),
+    codec_level: Optional[int] = typer.Option(None, "--codec-level", help="Compression level (default: zstd 3, "
+                                              "lz4 5, blosc-zstd 3)."),
+    keepbits: Optional[int] = typer.Option(None, "--keepbits", help="Lossy: BitRound mantissa bits kept in features "
+                                           "and queries (<= 10 float16, <= 7 bfloat16). Default: lossless."),
+    mask_size: int = typer.Option(64, "--mask-size", help="Side of the stored mask targets (multiple of 8)."),
+    match: str = typer.Option("iou", "--match", help="Matching rule: 'iou' (each box -> the best non-crowd GT with "
+                              "IoU >= threshold; one-to-many, default) or 'hungarian' (DETR one-to-one)."),
+    iou_threshold: float = typer.Option(0.5, "--iou-threshold", help="Minimum box IoU of a match."),
+    block: Optional[int] = typer.Option(None, "--block", help="Images per Zarr shard; the unit of work, resume and "
+                                        "ownership. Default: auto, ~32 MB of features per shard, 8 to 64 images."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Images per detector forward."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the detector (cpu, cuda, cuda:1, ...)."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes decoding images (0 = in process)."),
+    writers: int = typer.Option(1, "--writers", help="Writer processes doing matching, conversion, compression and "
+                                "writes (0 = a thread of this process). Raise it when the detector is fast (GPU) "
+                                "and cores are free."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this job writes only blocks b with b % n == i "
+                                        "(independent batch jobs filling one cache)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or inconsistent images (listed at the "
+                                  "end) instead of stopping at the first one."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Run the frozen detector once per image and write (or resume, or reuse) a Zarr cache.
+
+    Resumes by default: blocks already done are skipped. Under `torchrun --nproc-per-node N -m mfdetr
+    extract ...` each rank writes its own blocks.
+    """
+    from mfdetr.engine.extract import ExtractOptions, MatchOptions, extract, parse_shard
+
+    opts = ExtractOptions(
+        topk=topk,
+        levels=[s.strip() for s in levels.split(",") if s.strip()] if levels else None,
+        dtype=dtype,  # type: ignore[arg-type]
+        codec=codec,  # type: ignore[arg-type]
+        codec_level=codec_level,
+        keepbits=keepbits,
+        mask_size=mask_size,
+        match=MatchOptions(rule=match, iou_threshold=iou_threshold),  # type: ignore[arg-type]
+        block=block,
+    )
+    root = Path(cache_root) if cache_root and "://" not in cache_root else cache_root
+    res = extract(
+        detector, images, annotations, out=out, cache_root=root, opts=opts, device=device, batch_size=batch_size,
+        workers=workers, writers=writers, shard=parse_shard(shard), skip_bad=skip_bad, progress=not no_progress,
+    )
+    for w in res.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    if res.rank != 0:
+        return
+    who = f" (shard {shard})" if shard else (f" (rank 0 of {res.world})" if res.world > 1 else "")
+    if res.reused:
+        typer.echo(f"cache {res.path} already holds these images{who}: nothing to do "
+                   f"({res.images_done}/{res.num_images} done, fingerprint {res.fingerprint[:12]})")
+    else:
+        t = res.timings
+        typer.echo(
+            f"wrote {res.images_written} images to {res.path}{who} in {t['total']:.1f}s "
+            f"({res.images_written / max(t['total'], 1e-9):.2f} img/s; detector {t['detect']:.1f}s, "
+            f"writer {t['write']:.1f}s); {res.images_done}/{res.num_images} done, fingerprint {res.fingerprint[:12]}"
+        )
+    if res.bad:
+        typer.echo(f"skipped {len(res.bad)} bad image(s):")
+        for iid, reason in res.bad:
+            typer.echo(f"  image id {iid}: {reason}")
+    elif res.images_bad:
+        typer.echo(f"({res.images_bad} image(s) were skipped as bad by an earlier run)")

@@ -1,0 +1,1 @@
+"""Engines: the loops behind the CLI commands (extract, train, evaluate, predict, pipeline)."""
