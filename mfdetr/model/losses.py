@@ -1,0 +1,165 @@
+"""Mask losses: point-sampled sigmoid BCE + dice (Mask2Former importance sampling) and mask-IoU regression.
+
+Coordinates: a point is ``(x, y)`` in ``[0, 1]^2`` of the BOX (0 = left/top edge, 1 = right/bottom).
+Logits ``[R, M, M]`` and target crops ``[R, Mt, Mt]`` both cover the box exactly, cell ``i`` centred at
+``(i + 0.5) / M``, so ``grid_sample(align_corners=False)`` reads both at the same place whatever
+their resolutions (the net's 32x32 logits, bilinearly, against the cache's 64x64 crops, by nearest
+cell: hard 0/1 labels).
+
+Which boxes: the mask loss uses matched boxes only (``match_ann_id >= 0``); the IoU head regresses
+the IoU of its thresholded mask with the target crop on matched boxes and, when
+``LossConfig.iou_unmatched``, 0 on a few sampled unmatched valid boxes (false positives and
+duplicates): with final score = detection score x predicted IoU this down-weights them, as mask
+scoring is meant to, at the cost of a few extra boxes per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mfdetr.model.config import LossConfig
+
+
+def point_sample(maps: Tensor, coords: Tensor, mode: str = "bilinear") -> Tensor:
+    """Values of ``maps`` [R,H,W] at ``coords`` [R,P,2] (x, y in [0,1]) -> [R,P] (bilinear or nearest)."""
+    grid = (2.0 * coords - 1.0).unsqueeze(1).to(maps.dtype)  # [R,1,P,2]
+    out = F.grid_sample(maps.unsqueeze(1), grid, mode=mode, padding_mode="border", align_corners=False)
+    return out[:, 0, 0]
+
+
+@torch.no_grad()
+def uncertain_points(
+    logits: Tensor,
+    num_points: int,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Mask2Former's point selection: [R,P,2] coords, mostly where |logit| is smallest.
+
+    Draws ``oversample_ratio * P`` uniform points, keeps the ``importance_sample_ratio * P`` most
+    uncertain (-|logit|, read bilinearly), and fills the rest with fresh uniform points.
+    """
+    r = logits.shape[0]
+    dev = logits.device
+    n_over = max(int(num_points * oversample_ratio), num_points)
+    cand = torch.rand(r, n_over, 2, device=dev, generator=generator)
+    unc = -point_sample(logits.float(), cand).abs()
+    n_imp = int(importance_sample_ratio * num_points)
+    n_rand = num_points - n_imp
+    idx = unc.topk(n_imp, dim=1).indices
+    chosen = torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
+    if n_rand > 0:
+        chosen = torch.cat([chosen, torch.rand(r, n_rand, 2, device=dev, generator=generator)], dim=1)
+    return chosen
+
+
+def sigmoid_bce_dice(point_logits: Tensor, point_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-mask BCE (mean over points) and dice ``1 - (2 sum(p t) + 1) / (sum p + sum t + 1)``: [R], [R]."""
+    bce = F.binary_cross_entropy_with_logits(point_logits, point_labels, reduction="none").mean(dim=1)
+    p = point_logits.sigmoid()
+    num = 2 * (p * point_labels).sum(dim=1) + 1
+    den = p.sum(dim=1) + point_labels.sum(dim=1) + 1
+    return bce, 1 - num / den
+
+
+def resize_logits(logits: Tensor, size: int) -> Tensor:
+    """[R,M,M] -> [R,size,size] bilinear with the box-frame convention (align_corners=False)."""
+    if logits.shape[-1] == size and logits.shape[-2] == size:
+        return logits
+    return F.interpolate(logits.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def mask_loss(
+    logits: Tensor, targets: Tensor, cfg: LossConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Mean BCE and dice over the masks: logits [R,M,M] vs bool/float targets [R,Mt,Mt]."""
+    if logits.shape[0] == 0:
+        z = logits.sum() * 0.0
+        return z, z
+    t = targets.to(logits.dtype)
+    if cfg.mask_loss == "dense":
+        pl = resize_logits(logits, t.shape[-1]).flatten(1)
+        bce, dice = sigmoid_bce_dice(pl, t.flatten(1))
+    else:
+        coords = uncertain_points(logits, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio, generator)
+        # targets by nearest cell: a crop cell IS the GT sampled at its centre, so labels stay 0/1 and
+        # the BCE can reach 0 (bilinear labels put a soft, irreducible band along every boundary,
+        # right where the importance sampling concentrates the points)
+        bce, dice = sigmoid_bce_dice(point_sample(logits, coords), point_sample(t, coords, mode="nearest"))
+    return bce.mean(), dice.mean()
+
+
+@torch.no_grad()
+def mask_iou(logits: Tensor, targets: Tensor, threshold: float = 0.0) -> Tensor:
+    """IoU per box of ``logits > threshold`` (resized to the target resolution) vs targets: [R].
+
+    Both empty counts as IoU 1.
+    """
+    if logits.shape[0] == 0:
+        return logits.new_zeros((0,))
+    pred = resize_logits(logits.float(), targets.shape[-1]) > threshold
+    t = targets.bool()
+    inter = (pred & t).flatten(1).sum(1).float()
+    union = (pred | t).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def iou_regression(logit: Tensor, target: Tensor, kind: str = "bce") -> Tensor:
+    """Mask-IoU regression from the IoU head's logits (``iou_pred = sigmoid(logit)``), mean over boxes.
+
+    ``bce``: binary cross-entropy with the soft IoU target minus the target's entropy (= the KL
+    divergence, 0 when exact; gradient ``sigmoid - target``: it never vanishes, unlike an L2 through a
+    saturated sigmoid); ``l2`` / ``smooth_l1``: on ``sigmoid(logit)``.
+    """
+    if logit.numel() == 0:
+        return logit.sum() * 0.0
+    if kind == "bce":
+        # minus the target's own entropy: a KL divergence, 0 at a perfect prediction (same gradient)
+        t = target.clamp(0, 1)
+        ent = -(torch.xlogy(t, t) + torch.xlogy(1 - t, 1 - t))
+        return (F.binary_cross_entropy_with_logits(logit, t, reduction="none") - ent).mean()
+    pred = logit.sigmoid()
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=0.1)
+    return F.mse_loss(pred, target)
+
+
+def compute_losses(
+    out: dict[str, Tensor], batch: dict[str, Any], cfg: LossConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Total loss and its parts for a forward ``out`` over rows of ``batch`` (with targets).
+
+    Matched rows (``match_ann_id >= 0``) get BCE + dice and an IoU target = IoU of their thresholded
+    mask with the crop; unmatched rows (when present in ``out``) only an IoU target of 0. The IoU
+    loss reads ``out["iou_logit"]`` (absent when the network has no IoU head: no IoU loss).
+    Every output takes part in the graph (DDP needs every parameter used on every rank).
+    """
+    rows = out["rows"]
+    logits = out["mask_logits"]
+    iou_pred = out.get("iou_logit")
+    has_iou_head = iou_pred is not None
+    if iou_pred is None:
+        iou_pred = logits.new_zeros((logits.shape[0],))
+    matched = batch["match_ann_id"][rows[:, 0], rows[:, 1]] >= 0
+    m_logits = logits[matched]
+    m_targets = batch["mask_targets"][rows[:, 0], rows[:, 1]][matched]
+    bce, dice = mask_loss(m_logits, m_targets, cfg, generator)
+    iou_t = torch.zeros_like(iou_pred)
+    if matched.any():
+        iou_t[matched] = mask_iou(m_logits.detach(), m_targets)
+    use = matched if not cfg.iou_unmatched else torch.ones_like(matched)
+    l_iou = iou_regression(iou_pred[use], iou_t[use], cfg.iou_loss) if has_iou_head else iou_pred.sum() * 0.0
+    total = cfg.bce_weight * bce + cfg.dice_weight * dice + cfg.iou_weight * l_iou
+    total = total + 0.0 * (logits.sum() + iou_pred.sum())
+    parts = {
+        "loss_bce": float(bce.detach()),
+        "loss_dice": float(dice.detach()),
+        "loss_iou": float(l_iou.detach()),
+        "num_masks": int(matched.sum()),
+    }
+    return total, parts
