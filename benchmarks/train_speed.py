@@ -3,7 +3,8 @@
 Two settings, each measured side by side in one run on the same images:
 
 (a) the shipped ``shapes`` detector (``build_detector("shapes")``; a random-weight RT-DETR of the same
-    architecture when the weights are not there yet) at its resolution (192 px), batch 8;
+    architecture, from ``tools/train_shapes_detector.py``, when the weights are not there yet) at its
+    resolution (192 px), batch 8;
 (b) an R50-class Hugging Face RT-DETR (ResNet-50 backbone, 256-d encoder, 300 queries; random weights,
     built from a config, no download) at COCO resolution (640 x 640), batch 2.
 
@@ -16,7 +17,7 @@ Rows per setting:
   inference mode), build the same batch, then the same step -- training without a cache;
 - ``loader only``: the DataLoader alone (2 workers), images/s, vs the step's images/s.
 
-The step trains on up to 8 matched boxes per image (the default ``max_boxes_per_image``); with a
+The step trains on the default ``TrainConfig`` (up to 4 matched + 1 unmatched boxes per image); with a
 random-weight detector few boxes match, so the benchmark marks the first 8 valid boxes of every image
 as matched (random targets): the step then costs what it costs with a real detector.
 
@@ -43,21 +44,17 @@ from mfdetr.model.mask_net import build_mask_net, count_parameters
 
 
 def _rtdetr_small(size: int):
-    """The shipped shapes architecture (tools/train_shapes_detector.py), random weights."""
-    from transformers import RTDetrConfig, RTDetrImageProcessor, RTDetrResNetConfig
+    """The shipped shapes architecture (``tools/train_shapes_detector.py``: s8, 100 queries), random weights."""
+    import importlib.util
 
-    emb = 32
-    hidden = [emb, emb * 2, emb * 4]
-    names = ["disc", "square", "triangle", "star", "ring", "cross"]
-    cfg = RTDetrConfig(
-        backbone_config=RTDetrResNetConfig(embedding_size=emb, hidden_sizes=hidden, depths=[1, 1, 1],
-                                           layer_type="basic", out_indices=[1, 2, 3]),
-        use_timm_backbone=False, use_pretrained_backbone=False, encoder_in_channels=hidden, feat_strides=[4, 8, 16],
-        encoder_hidden_dim=128, encoder_ffn_dim=256, encoder_attention_heads=8, encoder_layers=1,
-        hidden_expansion=0.5, d_model=128, decoder_in_channels=[128, 128, 128], decoder_ffn_dim=512,
-        decoder_layers=3, decoder_attention_heads=8, decoder_n_points=4, num_feature_levels=3, num_queries=30,
-        num_labels=6, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-    )
+    from transformers import RTDetrImageProcessor
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "train_shapes_detector.py"
+    spec = importlib.util.spec_from_file_location("_train_shapes_detector", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    names = mod.CATEGORY_NAMES
+    cfg = mod.build_config(len(names), dict(enumerate(names)), size, queries=100)
     return cfg, RTDetrImageProcessor(size={"height": size, "width": size}, do_normalize=False, do_pad=False)
 
 
@@ -250,7 +247,7 @@ def main() -> None:
                         | {"label": "RT-DETR R50 (random weights)"})
 
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"default mask network ({rows[0]['params'] / 1e6:.2f}M params), <= 8 matched boxes/image\n")
+          f"default mask network ({rows[0]['params'] / 1e6:.2f}M params), default TrainConfig box sampling\n")
     hdr = (f"| setting | input | batch | boxes/step | step in memory | from cache ({args.workers} workers) | live "
            f"(detect) | live / cache | loader img/s | step img/s | loader / step |")
     print(hdr)

@@ -15,7 +15,7 @@ from tests.synth_batches import LEVELS, SyntheticCache  # noqa: E402
 
 from mfdetr.detectors.base import LevelSpec  # noqa: E402
 from mfdetr.engine.schedule import lr_factor  # noqa: E402
-from mfdetr.engine.train import TrainConfig, train_from_cache, train_select  # noqa: E402
+from mfdetr.engine.train import TrainConfig, train_from_cache, train_select, val_select  # noqa: E402
 from mfdetr.errors import MfdetrError  # noqa: E402
 from mfdetr.model.checkpoint import load_mask_net, read_checkpoint  # noqa: E402
 from mfdetr.model.config import LossConfig, MaskNetConfig  # noqa: E402
@@ -190,6 +190,15 @@ def test_train_select_caps_matched_and_unmatched_boxes():
         assert s[0, 3] and s[0, :3].sum() == 1
     none = train_select({"valid": torch.zeros(2, 3, dtype=torch.bool), "match_ann_id": torch.full((2, 3), -1)}, 4, 1)
     assert int(none.sum()) == 1  # never empty
+
+
+def test_val_select_takes_each_objects_best_box_first():
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    batch = {"valid": valid, "match_ann_id": torch.tensor([[5, 5, 7, 5, -1, 7]]),
+             "scores": torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.95, 0.5]])}
+    assert val_select(batch, 2)[0].tolist() == [True, False, True, False, False, False]
+    assert val_select(batch, 3)[0].tolist() == [True, True, True, False, False, False]
+    assert val_select(batch, 0)[0].tolist() == [True, True, True, True, False, True]
 
 
 def test_lr_schedule_shapes():

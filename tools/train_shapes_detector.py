@@ -235,6 +235,21 @@ def quick_ap(model, pix: torch.Tensor, targets: list[dict], size: int, batch: in
 # ----------------------------------------------------------------------------------------------- train
 
 
+def acceptance_ap(folder: Path, seed: int, images: int, size: int, data_root: Path) -> dict:
+    """Box AP of the saved folder through the ``hf:`` adapter on a fresh synth val split of ``seed``."""
+    from mfdetr.data.synth import make_synth
+    from mfdetr.detectors.registry import build_detector
+    from mfdetr.detectors.shapes import box_ap
+
+    root = data_root / f"synth_eval_seed{seed}_n{images}_s{size}"
+    if not (root / "val" / "annotations.json").is_file():
+        make_synth(root, train=0, val=images, size=size, seed=seed)
+    ann = root / "val" / "annotations.json"
+    det = build_detector(f"hf:{folder}", categories=json.loads(ann.read_text())["categories"])
+    res = box_ap(det, ann, root / "val" / "images")
+    return {"synth": f"make_synth(train=0, val={images}, size={size}, seed={seed})", **res}
+
+
 class EMA:
     def __init__(self, model, decay: float, warmup: int):
         self.decay, self.warmup = decay, warmup
@@ -276,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--final-lr-frac", type=float, default=0.05)
+    ap.add_argument("--accept-seed", type=int, default=1234,
+                    help="after saving: box AP through build_detector('hf:OUT') on make_synth(val=N, seed=this), "
+                         "a seed never used in training (-1 = skip)")
+    ap.add_argument("--accept-images", type=int, default=300)
     ap.add_argument("--clip", type=float, default=0.1)
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--threads", type=int, default=1,
@@ -461,7 +480,13 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": __import__("transformers").__version__,
     }
     (args.out / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log(f"saved {args.out} ({sum(f.stat().st_size for f in args.out.iterdir()) / 1e6:.1f} MB)")
+    size_mb = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
+    log(f"saved {args.out} ({size_mb:.1f} MB)")
+    if args.accept_seed >= 0:
+        meta["acceptance"] = acceptance_ap(args.out, args.accept_seed, args.accept_images, args.size, args.data.parent)
+        meta["checkpoint_mb"] = round(size_mb, 1)
+        (args.out / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        log(f"acceptance: {meta['acceptance']}")
     return 0
 
 

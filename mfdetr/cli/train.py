@@ -34,8 +34,8 @@ def train_cmd(
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints/ (epoch_XXX.pt, last.pt, best.pt), "
                              "metrics.jsonl, train_config.json."),
     config: Optional[Path] = typer.Option(
-        None, "--config", help="TOML with TrainConfig fields (epochs, lr, [model], [loss], ...) at the top level "
-        "or under [train] (a pipeline file works)."
+        None, "--config", help="TOML with TrainConfig fields (epochs, lr, \\[model], \\[loss], ...) at the top "
+        "level or under \\[train] (a pipeline file works)."
     ),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Passes over the train cache (default 3)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per step, per process (default 8)."),
@@ -46,10 +46,11 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/checkpoints/last.pt (same loss sequence "
                                 "as an uninterrupted run)."),
     val_cache: Optional[str] = typer.Option(None, "--val-cache", help="Validation cache: mean mask IoU of matched boxes "
-                                            "each epoch, best.pt by it."),
+                                            "(up to val_max_boxes_per_image per image, one per object first) each "
+                                            "epoch; best.pt by it."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the model init, sampler and per-step sampling (default 0)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=0, help="torch CPU threads (0 = default; with torchrun on "
-                                          "CPU, cores / processes)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=0, help="torch CPU threads (default 0 = auto: the cores "
+                                          "per process left after the --workers, at least 1)."),
     sets: list[str] = typer.Option([], "--set", help="Override any TrainConfig field, dotted: --set model.dim=64 "
                                    "--set loss.num_points=512 --set schedule=step (repeatable)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm bar (loss, images/s)."),

@@ -299,6 +299,7 @@ class HFDetector:
 
         # hooks: backbone stages (b*) and encoder spatial shapes (Deformable DETR / DETR)
         self._captured: dict[str, Any] = {}
+        self._wanted_stages: set[int] | None = None  # None: capture every stage (the probe)
         self._hooks = []
         bb = _backbone_module(model)
         self._stage_mods = _stage_modules(bb) if bb is not None else []
@@ -322,6 +323,7 @@ class HFDetector:
             if len(set(chosen)) != len(chosen):
                 raise MfdetrError(f"levels listed twice: {chosen}")
         self.levels: list[LevelSpec] = [self._all_levels[n] for n in chosen]
+        self._wanted_stages = {self._stage_for_b[n] for n in chosen if n in self._stage_for_b}
         self.query_dim = int(getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size"))
 
         self._init_input_size()
@@ -339,6 +341,8 @@ class HFDetector:
 
     def _make_stage_hook(self, i: int):
         def hook(_module, _inputs, output):
+            if self._wanted_stages is not None and i not in self._wanted_stages:
+                return
             t = _first_tensor(output)
             if t is not None and t.dim() == 4:
                 self._captured.setdefault("stages", {})[i] = t

@@ -70,6 +70,10 @@ class TrainConfig:
     max_boxes_per_image: matched boxes per image that get a mask loss per step, sampled at random
         (0 = all); bounds the per-step cost on crowded images.
     val_batch_size / val_max_images: validation batch size and image cap (0 = all val images).
+    val_max_boxes_per_image: matched boxes validated per image, one per object first (its best-
+        scored box), 0 = all. Top-k over query x class yields ~9 boxes per object on the shapes
+        caches; 8 per image measured the same mean IoU as all of them (0.835 vs 0.834) at 1/3 the
+        cost (9 s instead of 28 s of CPU for 300 images).
     """
 
     model: MaskNetConfig = field(default_factory=MaskNetConfig)
@@ -90,9 +94,10 @@ class TrainConfig:
     threads: int = 0
     seed: int = 0
     log_every: int = 20
-    max_boxes_per_image: int = 6
+    max_boxes_per_image: int = 4
     val_batch_size: int = 16
     val_max_images: int = 0
+    val_max_boxes_per_image: int = 8
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -301,17 +306,34 @@ def make_loader(ds: Any, batch_size: int, workers: int, sampler: Any = None, shu
 
 
 # ----------------------------------------------------------------------------------- validation
+def val_select(batch: dict[str, Any], max_boxes: int = 0) -> torch.Tensor:
+    """Matched boxes to validate, ``[B, K]`` bool: all (``max_boxes`` 0), or per image up to
+    ``max_boxes``, one box per matched object first (its highest-scoring box), then the next best
+    boxes -- deterministic. Top-k over query x class gives ~9 boxes per object here; the best-scored
+    box of each object is what AP mostly sees."""
+    matched = batch["valid"] & (batch["match_ann_id"] >= 0)
+    if max_boxes <= 0:
+        return matched
+    ann, score = batch["match_ann_id"], batch["scores"].float()
+    same = (ann[:, :, None] == ann[:, None, :]) & matched[:, :, None] & matched[:, None, :]
+    k = ann.shape[1]
+    idx = torch.arange(k, device=ann.device)
+    better = (score[:, None, :] > score[:, :, None]) | ((score[:, None, :] == score[:, :, None]) & (idx[None, :] < idx[:, None])[None])
+    rank = (same & better).sum(-1)
+    return _top_per_row(matched, score.clamp(0, 1) * 0.5 - rank.to(score.dtype), max_boxes)
+
+
 @torch.no_grad()
 def validate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp: str = "off",
-             max_images: int = 0) -> dict[str, float]:
+             max_images: int = 0, max_boxes: int = 0) -> dict[str, float]:
     """Mean mask IoU of the matched boxes (mask > 0.5 vs the cached crop, at the crop's resolution),
-    and the IoU head's mean absolute error on them."""
+    and the IoU head's mean absolute error on them; ``max_boxes``: see ``val_select``."""
     was_training = model.training
     model.eval()
     inter_sum, n, err_sum, images = 0.0, 0, 0.0, 0
     for batch in loader:
         batch = batch_to(batch, device)
-        select = batch["valid"] & (batch["match_ann_id"] >= 0)
+        select = val_select(batch, max_boxes)
         if bool(select.any()):
             with autocast_ctx(device, amp):
                 out = model(batch, select)
@@ -493,6 +515,7 @@ def train_from_cache(
                 bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
                            dynamic_ncols=True, leave=True)
             ep_loss, ep_n, win_t, win_imgs, win_n = 0.0, 0, 0.0, 0, 0
+            cpu_ep = time.process_time()
             win_parts: dict[str, float] = {}
             t_ep = time.perf_counter()
             t_prev = time.perf_counter()
@@ -549,9 +572,13 @@ def train_from_cache(
             t_train += ep_secs
             train_loss = dist_utils.all_mean([ep_loss / max(ep_n, 1)], info, device)[0]
             epoch_metrics = {"type": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                             "seconds": ep_secs, "images_per_s": ep_n * cfg.batch_size * info.world / max(ep_secs, 1e-9)}
+                             "seconds": ep_secs, "cpu_seconds": time.process_time() - cpu_ep,
+                             "images_per_s": ep_n * cfg.batch_size * info.world / max(ep_secs, 1e-9)}
+            t_val = time.perf_counter()
             if val_loader is not None:
-                epoch_metrics.update(validate(model, val_loader, device, cfg.amp, cfg.val_max_images))
+                epoch_metrics.update(validate(model, val_loader, device, cfg.amp, cfg.val_max_images,
+                                              cfg.val_max_boxes_per_image))
+                epoch_metrics["val_seconds"] = time.perf_counter() - t_val
             improved = False
             if "val_miou" in epoch_metrics:
                 improved = epoch_metrics["val_miou"] > best

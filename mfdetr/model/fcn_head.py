@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mfdetr.detectors.base import LevelSpec
 from mfdetr.model.config import MaskNetConfig
-from mfdetr.model.mask_net import MaskIoUHead, MaskNetBase, finish_output
+from mfdetr.model.mask_net import MaskIoUHead, MaskNetBase, finish_output, run_in_chunks
 
 
 class FCNMaskNet(MaskNetBase):
@@ -45,8 +45,12 @@ class FCNMaskNet(MaskNetBase):
 
     def forward(self, batch: dict[str, Any], select: Tensor | None = None) -> dict[str, Tensor]:
         maps, strides, rows, rois = self.features_and_rois(batch, select)
-        x = self.pool(maps, strides, rois, self.cfg.fcn_roi_size)
-        x = F.relu(self.deconv(self.convs(x)))
-        logits = self.logits(x).squeeze(1)
-        iou_logit = self.iou_head(x, logits) if self.iou_head is not None else None
+
+        def boxes(idx: slice):
+            x = self.pool(maps, strides, rois[idx], self.cfg.fcn_roi_size)
+            x = F.relu(self.deconv(self.convs(x)))
+            logits = self.logits(x).squeeze(1)
+            return logits, (self.iou_head(x, logits) if self.iou_head is not None else None)
+
+        logits, iou_logit = run_in_chunks(boxes, rows.shape[0], self.training)
         return finish_output(logits, iou_logit, rows, self.cfg.mask_upsample)

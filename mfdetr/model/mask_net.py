@@ -169,19 +169,21 @@ class MaskNet(MaskNetBase):
     def forward(self, batch: dict[str, Any], select: Tensor | None = None) -> dict[str, Tensor]:
         maps, strides, rows, rois = self.features_and_rois(batch, select)
         q_all = self.query_encoder.encode(batch["queries"].to(maps[0].dtype), batch["valid"])
-        q = q_all[rows[:, 0], rows[:, 1]]
         if self.box_proj is not None:
             d_in = self.box_proj.weight.shape[1]
             maps = [self.box_proj(m) if m.shape[1] == d_in else m for m in maps]
-        x = self.pool(maps, strides, rois, self.cfg.roi_size)
-        x = self.query_encoder.fuse(x, q)
-        objects = self._objects(batch, rows, q_all) if self.box_encoder.objects else None
-        x = self.box_encoder(x, q, objects)
-        if self.cfg.mask_predictor == "dot":
-            logits = self.predictor(x, q)
-        else:
-            logits = self.predictor(x).squeeze(1)
-        iou_logit = self.iou_head(x, logits, q) if self.iou_head is not None else None
+
+        def boxes(idx: slice) -> tuple[Tensor, Tensor | None]:
+            r = rows[idx]
+            q = q_all[r[:, 0], r[:, 1]]
+            x = self.pool(maps, strides, rois[idx], self.cfg.roi_size)
+            x = self.query_encoder.fuse(x, q)
+            objects = self._objects(batch, r, q_all) if self.box_encoder.objects else None
+            x = self.box_encoder(x, q, objects)
+            logits = self.predictor(x, q) if self.cfg.mask_predictor == "dot" else self.predictor(x).squeeze(1)
+            return logits, (self.iou_head(x, logits, q) if self.iou_head is not None else None)
+
+        logits, iou_logit = run_in_chunks(boxes, rows.shape[0], self.training)
         return finish_output(logits, iou_logit, rows, self.cfg.mask_upsample)
 
     @staticmethod
@@ -192,6 +194,20 @@ class MaskNet(MaskNetBase):
         boxes = batch["boxes"].float()
         own = boxes[b, rows[:, 1]]
         return q_all[b], relative_boxes(own, boxes[b]).to(q_all.dtype), ~batch["valid"][b]
+
+
+EVAL_CHUNK = 64  # boxes per pass at inference: [R, C, 32, 32] tensors then stay cache-sized (2x faster)
+
+
+def run_in_chunks(fn: Any, n: int, training: bool) -> tuple[Tensor, Tensor | None]:
+    """``fn(slice)`` over all ``n`` boxes at once (training) or in chunks of ``EVAL_CHUNK`` (inference:
+    the per-box tensors of a 16-image validation batch would otherwise be ~150 MB each, memory-bound)."""
+    if training or n <= EVAL_CHUNK:
+        return fn(slice(0, n))
+    parts = [fn(slice(i, min(i + EVAL_CHUNK, n))) for i in range(0, n, EVAL_CHUNK)]
+    logits = torch.cat([p[0] for p in parts])
+    iou = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+    return logits, iou
 
 
 def relative_boxes(own: Tensor, others: Tensor) -> Tensor:
