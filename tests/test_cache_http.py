@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,3 +41,57 @@ def test_read_over_http_equals_local(tmp_path):
         info = cache_info(url)
         assert info["images_done"] == 6 and info["bytes_on_disk"] is None
         assert verify(url) == []
+
+
+@contextlib.contextmanager
+def python_http_server(root: Path):
+    """``python -m http.server`` (which ignores Range requests) serving ``root``; yields the base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_trains_and_evaluates_from_a_python_http_server_url(tmp_path, caplog):
+    """A cache served read-only by ``python -m http.server`` (no Range support: whole shard files come
+    back and are sliced locally) trains exactly as from the local path, and evaluates from its URL."""
+    from mfdetr.engine.evaluate import evaluate
+    from mfdetr.engine.train import train_from_cache
+    from tests.test_train import small_cfg
+
+    images, ann = make_small_synth(tmp_path / "data", n=8, size=96, seed=7)
+    from mfdetr.data.coco import CocoDataset
+
+    ds = CocoDataset(ann, images)
+    res = extract(FakeDetector(categories=ds.categories, topk=8), images, ann, out=str(tmp_path / "www" / "c.zarr"),
+                  opts=ExtractOptions(topk=8, block=4, mask_size=16), workers=0, progress=False)
+    cfg = dict(epochs=1, batch_size=4, seed=3, workers=1)
+    local = train_from_cache(res.path, tmp_path / "run_local", small_cfg(**cfg), progress=False)
+    with python_http_server(tmp_path / "www") as base:
+        url = f"{base}/c.zarr"
+        remote = train_from_cache(url, tmp_path / "run_remote", small_cfg(**cfg), val_cache=url, progress=False)
+        assert remote["steps"] == local["steps"] == 2
+        assert remote["train_loss"] == local["train_loss"]
+        assert 0.0 <= remote["val_miou"] <= 1.0
+        ev = evaluate(url, Path(remote["checkpoint"]), annotations=ann, out=tmp_path / "eval", workers=0,
+                      progress=False)
+    ev_local = evaluate(res.path, Path(local["checkpoint"]), annotations=ann, out=tmp_path / "eval_local",
+                        workers=0, progress=False)
+    assert ev["num_images"] == 8
+    assert any("ignores HTTP Range" in r.getMessage() for r in caplog.records)  # the fallback was exercised
+    assert ev["segm"]["AP"] == ev_local["segm"]["AP"] and ev["bbox"]["AP"] == ev_local["bbox"]["AP"]
+    sa = torch.load(remote["checkpoint"], map_location="cpu", weights_only=False)["model"]
+    sb = torch.load(local["checkpoint"], map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

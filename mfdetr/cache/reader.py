@@ -36,7 +36,12 @@ def open_cache(path: Any, mode: str = "r") -> zarr.Group:
     """
     where = str(path)
     try:
-        g = zarr.open_group(store_arg(where), mode=mode, zarr_format=3)
+        store: Any = store_arg(where)
+        if mode == "r" and where.startswith(("http://", "https://")):
+            from mfdetr.cache.http import http_store
+
+            store = http_store(where)
+        g = zarr.open_group(store, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise MfdetrError(f"no cache at {where} (no Zarr group there)") from e
     except Exception as e:  # unreachable URL, bad metadata, ...
@@ -170,9 +175,8 @@ class CacheDataset(Dataset):
         except ValueError as e:
             if "checksum" in str(e) and self.path.startswith(("http://", "https://")):
                 raise MfdetrError(
-                    f"{self.path}: a shard index failed its checksum: the HTTP server seems to ignore Range "
-                    "requests (python -m http.server does); serve the store with one that supports byte ranges "
-                    "(nginx, S3, GCS, ...)"
+                    f"{self.path}: a shard failed its checksum over HTTP (image position {position}): the store "
+                    "on the server is corrupt or was changed while being read; run `mfdetr cache verify` on it"
                 ) from e
             raise
 
