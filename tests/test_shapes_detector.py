@@ -69,4 +69,4 @@ def test_shapes_box_ap_on_unseen_seed(tmp_path):
     det = build_detector("shapes", categories=cats)
     res = box_ap(det, ann, tmp_path / "val" / "images")
     assert res["images"] == 40
-    assert res["AP"] >= 0.4, res
+    assert res["AP"] >= 0.55, res  # 0.71 on the 300-image seed-1234 acceptance split
