@@ -18,13 +18,14 @@ so an image's output never depends on which other images share its batch (DETR-f
 pixels, so padded batches would change the features and the boxes). Where the network needs a padded input anyway
 (a processor with ``pad_size``, or RT-DETR-style models whose input is not a multiple of 32), padding is
 bottom-right and boxes and features are relative to the unpadded input.
+
+Files: this module holds the adapter (:class:`HFDetector`, ``build_hf_detector``); ``hf_load.py`` the supported
+classes and checkpoint loading, ``hf_labels.py`` the label mapping, ``hf_features.py`` the reading of the model's
+internals (backbone stages, encoder maps, strides) and ``hf_processing.py`` the input sizes and top-k selection.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,225 +34,19 @@ import torch
 from torch import Tensor
 
 from mfdetr.detectors.base import DetectorOutput, LevelSpec
+from mfdetr.detectors.hf_features import (
+    _backbone_module,
+    _first_tensor,
+    _stage_modules,
+    _stride_of,
+    encoder_maps,
+    probe_size,
+)
+from mfdetr.detectors.hf_labels import normalize_label_name, resolve_label_map  # noqa: F401  (re-export)
+from mfdetr.detectors.hf_load import SUPPORTED, folder_fingerprint_parts, load_hf_folder, supported_classes
+from mfdetr.detectors.hf_processing import _valid_size, analytic_input_size, select_topk
 from mfdetr.errors import MfdetrError
-from mfdetr.utils.hashing import sha256_file, sha256_json
-
-# model_type -> (ForObjectDetection class name, image processor class name, score kind, needs multiple of 32)
-SUPPORTED: dict[str, tuple[str, str, str, bool]] = {
-    "detr": ("DetrForObjectDetection", "DetrImageProcessor", "softmax", False),
-    "conditional_detr": ("ConditionalDetrForObjectDetection", "ConditionalDetrImageProcessor", "sigmoid", False),
-    "deformable_detr": ("DeformableDetrForObjectDetection", "DeformableDetrImageProcessor", "sigmoid", False),
-    "rt_detr": ("RTDetrForObjectDetection", "RTDetrImageProcessor", "sigmoid", True),
-    "rt_detr_v2": ("RTDetrV2ForObjectDetection", "RTDetrImageProcessor", "sigmoid", True),
-    "d_fine": ("DFineForObjectDetection", "RTDetrImageProcessor", "sigmoid", True),
-}
-_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-_PROBE = 256  # probe input side used to measure level strides when the model takes any size
-
-
-def supported_classes() -> list[str]:
-    return [v[0] for v in SUPPORTED.values()]
-
-
-def normalize_label_name(name: str) -> str:
-    """Case-, space-, '_' and '-'-insensitive form of a class name."""
-    return re.sub(r"[\s_\-]+", "", str(name)).lower()
-
-
-# ------------------------------------------------------------------------------------------- label mapping
-
-
-def resolve_label_map(
-    id2label: dict[int, str],
-    categories: Sequence[dict[str, Any]] | None,
-    label_map: str | Path | dict | None,
-    where: str,
-) -> dict[int, int] | None:
-    """Model label id -> dataset category id. ``None`` = identity (labels are the model's own ids).
-
-    label_map: a JSON file or dict ``{model_label_id (or model label name): dataset_category_id}``;
-    otherwise, with ``categories``, the model's ``id2label`` names are matched to the category names.
-    """
-    cat_ids = None if categories is None else {int(c["id"]) for c in categories}
-    if label_map is not None:
-        if isinstance(label_map, (str, Path)):
-            p = Path(label_map)
-            if not p.is_file():
-                raise MfdetrError(f"label map file not found: {p}")
-            try:
-                raw = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise MfdetrError(f"label map {p}: not valid JSON ({e})") from None
-        else:
-            raw = dict(label_map)
-        by_name = {normalize_label_name(v): k for k, v in id2label.items()}
-        out: dict[int, int] = {}
-        for k, v in raw.items():
-            if isinstance(k, str) and not re.fullmatch(r"-?\d+", k.strip()):
-                key = by_name.get(normalize_label_name(k))
-                if key is None:
-                    raise MfdetrError(f"label map: {k!r} is not a label of {where} (labels: {sorted(id2label.values())})")
-            else:
-                key = int(k)
-                if key not in id2label:
-                    raise MfdetrError(f"label map: model label id {key} does not exist in {where} "
-                                      f"(ids 0..{len(id2label) - 1})")
-            try:
-                val = int(v)
-            except (TypeError, ValueError):
-                raise MfdetrError(f"label map: value for {k!r} must be a dataset category id, got {v!r}") from None
-            if cat_ids is not None and val not in cat_ids:
-                raise MfdetrError(f"label map: category id {val} (for model label {k!r}) is not in the dataset "
-                                  f"categories {sorted(cat_ids)}")
-            out[key] = val
-        if not out:
-            raise MfdetrError("label map is empty: no model label maps to a dataset category")
-        return out
-    if categories is None:
-        return None
-    names = {}
-    for c in categories:
-        names.setdefault(normalize_label_name(c["name"]), int(c["id"]))
-    out = {}
-    for k, v in id2label.items():
-        cid = names.get(normalize_label_name(v))
-        if cid is not None:
-            out[int(k)] = cid
-    if not out:
-        raise MfdetrError(
-            f"no class of {where} maps onto the dataset's categories by name: model labels "
-            f"{sorted(set(id2label.values()))[:20]}, dataset categories {[c['name'] for c in categories][:20]}; "
-            "pass a label map JSON {model_label_id: dataset_category_id}"
-        )
-    return out
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-
-def _processor_for(folder: Path, model_type: str):
-    import transformers
-
-    if (folder / "preprocessor_config.json").is_file():
-        from transformers import AutoImageProcessor
-
-        try:
-            return AutoImageProcessor.from_pretrained(str(folder))
-        except Exception as e:  # noqa: BLE001 - report any loading failure as a user error
-            raise MfdetrError(f"{folder}/preprocessor_config.json: cannot load the image processor ({e})") from None
-    return getattr(transformers, SUPPORTED[model_type][1])()
-
-
-def load_hf_folder(folder: str | Path) -> tuple[Any, Any, str]:
-    """(model in eval mode, image processor, model_type) from a local checkpoint folder."""
-    import transformers
-    from transformers import AutoConfig
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MfdetrError(f"hf: checkpoint folder not found: {folder}")
-    if not (folder / "config.json").is_file():
-        raise MfdetrError(f"hf: {folder} has no config.json (expected a save_pretrained folder)")
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-    except Exception as e:  # noqa: BLE001
-        raise MfdetrError(f"hf: {folder}/config.json cannot be read ({e})") from None
-    mt = getattr(config, "model_type", None)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    if mt not in SUPPORTED:
-        raise MfdetrError(
-            f"hf: {folder}: model type {mt!r} ({arch}) is not supported; supported classes: "
-            + ", ".join(supported_classes())
-        )
-    if arch is not None and arch != SUPPORTED[mt][0]:
-        raise MfdetrError(
-            f"hf: {folder}: architecture {arch} is not supported (only the object-detection heads are); "
-            "supported classes: " + ", ".join(supported_classes())
-        )
-    bb_type = getattr(getattr(config, "backbone_config", None), "model_type", None)
-    if getattr(config, "use_timm_backbone", False) or bb_type == "timm_backbone":
-        try:
-            import timm  # noqa: F401
-        except ImportError:
-            raise MfdetrError(
-                f"hf: {folder}: the checkpoint uses a timm backbone and timm is not installed: "
-                "pip install timm (or save the model with an HF backbone_config, use_timm_backbone=False)"
-            ) from None
-    if not any(next(folder.glob(g), None) for g in _WEIGHT_GLOBS):
-        raise MfdetrError(f"hf: {folder} has no weight file (model.safetensors / pytorch_model.bin)")
-    cls = getattr(transformers, SUPPORTED[mt][0])
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model = cls.from_pretrained(str(folder))
-    except Exception as e:  # noqa: BLE001
-        raise MfdetrError(f"hf: {folder}: cannot load {cls.__name__} ({e})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, _processor_for(folder, mt), mt
-
-
-def folder_fingerprint_parts(folder: Path) -> dict[str, str]:
-    parts = {}
-    for g in _WEIGHT_GLOBS:
-        for f in sorted(folder.glob(g)):
-            parts[f.name] = sha256_file(f)
-    for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
-        if (folder / name).is_file():
-            parts[name] = sha256_file(folder / name)
-    return parts
-
-
-# ------------------------------------------------------------------------------------------- adapter
-
-
-def _backbone_module(model) -> torch.nn.Module | None:
-    from transformers.backbone_utils import BackboneMixin
-
-    for m in model.modules():
-        if isinstance(m, BackboneMixin):
-            return m
-    return None
-
-
-def _stage_modules(backbone: torch.nn.Module) -> list[torch.nn.Module]:
-    """Embedder + stages of an HF backbone (ResNet, RT-DETR ResNet, HGNetV2, ...), shallow to deep."""
-    mods = []
-    for name in ("embedder", "embeddings", "stem"):
-        if isinstance(getattr(backbone, name, None), torch.nn.Module):
-            mods.append(getattr(backbone, name))
-            break
-    enc = getattr(backbone, "encoder", None)
-    stages = getattr(enc, "stages", None) if enc is not None else getattr(backbone, "stages", None)
-    if isinstance(stages, torch.nn.ModuleList):
-        mods.extend(stages)
-    return mods
-
-
-def _first_tensor(x) -> Tensor | None:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
-        return x[0]
-    if hasattr(x, "last_hidden_state"):
-        return x.last_hidden_state
-    return None
-
-
-def _stride_of(size: int, n: int) -> int:
-    s = 2 ** round(math.log2(size / n))
-    if math.ceil(size / s) != n:
-        raise RuntimeError(f"cannot infer the stride of a {n}-cell level from a {size}-px input")
-    return s
+from mfdetr.utils.hashing import sha256_json
 
 
 class HFDetector:
@@ -361,15 +156,7 @@ class HFDetector:
     # -------------------------------------------------------------------------------------------- levels
 
     def _probe_size(self) -> tuple[int, int]:
-        anchor = getattr(self.model.config, "anchor_image_size", None)
-        if anchor:
-            return (int(anchor[0]), int(anchor[1])) if isinstance(anchor, (list, tuple)) else (int(anchor),) * 2
-        size = getattr(self.processor, "size", None)
-        h = _size_get(size, "height")
-        w = _size_get(size, "width")
-        if h and w and h % 32 == 0 and w % 32 == 0:
-            return int(h), int(w)
-        return _PROBE, _PROBE
+        return probe_size(self.model.config, self.processor)
 
     @torch.inference_mode()
     def _probe_levels(self) -> None:
@@ -397,20 +184,7 @@ class HFDetector:
 
     def _encoder_maps(self, out, batch: int) -> list[Tensor]:
         """The encoder's output as a list of [B,C,h,w] maps, finest first."""
-        mem = out.encoder_last_hidden_state
-        if isinstance(mem, (list, tuple)):  # RT-DETR family: already maps
-            return list(mem)
-        shapes = self._captured.get("enc_shapes")
-        if shapes is None:
-            raise RuntimeError("encoder spatial shapes were not captured")
-        maps, start = [], 0
-        for h, w in shapes:
-            n = h * w
-            maps.append(mem[:, start : start + n].transpose(1, 2).reshape(batch, -1, h, w))
-            start += n
-        if start != mem.shape[1]:
-            raise RuntimeError(f"encoder memory has {mem.shape[1]} tokens, the shapes {shapes} give {start}")
-        return maps
+        return encoder_maps(out, self._captured.get("enc_shapes"), batch)
 
     # -------------------------------------------------------------------------------------------- sizes
 
@@ -427,23 +201,7 @@ class HFDetector:
                 break
 
     def _analytic_size(self, orig: tuple[int, int]) -> tuple[int, int] | None:
-        from transformers.image_transforms import get_size_with_aspect_ratio
-        from transformers.image_utils import get_image_size_for_max_height_width
-
-        p = self.processor
-        if not getattr(p, "do_resize", True):
-            return tuple(orig)
-        size = getattr(p, "size", None)
-        se, le = _size_get(size, "shortest_edge"), _size_get(size, "longest_edge")
-        mh, mw = _size_get(size, "max_height"), _size_get(size, "max_width")
-        h, w = _size_get(size, "height"), _size_get(size, "width")
-        if se and le:
-            return tuple(int(v) for v in get_size_with_aspect_ratio(tuple(orig), se, le))
-        if mh and mw:
-            return tuple(int(v) for v in get_image_size_for_max_height_width(tuple(orig), mh, mw))
-        if h and w:
-            return int(h), int(w)
-        return None
+        return analytic_input_size(self.processor, orig)
 
     @lru_cache(maxsize=4096)  # noqa: B019 - one detector lives for the whole run
     def _measured_size(self, orig: tuple[int, int]) -> tuple[int, int]:
@@ -509,27 +267,7 @@ class HFDetector:
 
     def _scores(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(scores [B,K], labels [B,K] model ids, query index [B,K]) with unmapped classes excluded."""
-        keep = self._keep_class.to(logits.device)
-        if self.score_kind == "softmax":
-            prob = logits.softmax(-1)[..., :-1]
-            prob = prob.masked_fill(~keep, -1.0)
-            scores, labels = prob.max(-1)
-            k = min(self.topk, scores.shape[1])
-            scores, qidx = scores.topk(k, dim=1)
-            labels = labels.gather(1, qidx)
-        else:
-            if self.score_kind == "softmax_drop_last":
-                prob = logits.softmax(-1)[..., :-1]
-                keep = keep[: prob.shape[-1]]
-            else:
-                prob = logits.sigmoid()
-            c = prob.shape[-1]
-            prob = prob.masked_fill(~keep, -1.0)
-            k = min(self.topk, prob.shape[1] * c)
-            scores, idx = prob.flatten(1).topk(k, dim=1)
-            labels = idx % c
-            qidx = torch.div(idx, c, rounding_mode="floor")
-        return scores, labels, qidx
+        return select_topk(logits, self._keep_class, self.score_kind, self.topk)
 
     def _detect_group(self, images: list[Tensor]) -> list[DetectorOutput]:
         out, sizes, (hp, wp), cap = self._run_model(images)
@@ -585,28 +323,6 @@ class HFDetector:
     def __repr__(self) -> str:
         lv = ", ".join(f"{x.name}(s{x.stride},c{x.channels})" for x in self.levels)
         return f"HFDetector({self.spec!r}, {type(self.model).__name__}, levels=[{lv}], topk={self.topk})"
-
-
-def _size_get(size, key: str):
-    if size is None:
-        return None
-    if isinstance(size, dict):
-        return size.get(key)
-    return getattr(size, key, None)
-
-
-def _valid_size(enc) -> list[tuple[int, int]]:
-    """(h_in, w_in) of each image of a processor batch: the pixel_mask's valid extent, else the tensor size."""
-    pv = enc["pixel_values"]
-    mask = enc.get("pixel_mask")
-    if mask is None:
-        return [tuple(int(v) for v in pv.shape[-2:])] * pv.shape[0]
-    out = []
-    for m in mask:
-        rows = int(m.any(1).sum())
-        cols = int(m.any(0).sum())
-        out.append((rows, cols))
-    return out
 
 
 def build_hf_detector(

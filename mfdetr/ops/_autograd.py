@@ -1,0 +1,176 @@
+"""The autograd Functions of the fused RoIAlign (``roi_align.py``) and the tap lists of one call.
+
+- ``_FusedRoIAlign``: features (any layout/dtype) -> gathered rows; backward writes each level's gradient
+  in the level's own memory format;
+- ``_WeightedGather``: the flat API's gather from a ``flatten_levels`` buffer;
+- ``_FlattenLevels``: ``flatten_levels``'s copy into the buffer, and its backward;
+- ``_build``: the tap lists (``_taps.build_taps``) of a call's plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mfdetr.ops import _cpu, _taps
+from mfdetr.ops._gather import _cell_range, _flatten_into, _gather, _row_chunks, _transposed_gather
+from mfdetr.ops._taps import LevelShape
+
+
+# ----------------------------------------------------------------------------------------------------
+# the taps of a call
+
+
+def _build(plan: dict, shapes: Sequence[LevelShape], workers: int):
+    with _cpu.serial():
+        return _taps.build_taps(
+            plan["rois"],
+            shapes,
+            plan["scales"],
+            plan["out_hw"],
+            plan["sampling_ratio"],
+            plan["aligned"],
+            plan["per_level"],
+            plan["ct"],
+            lambda tasks: _cpu.run_tasks(tasks, workers),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd
+
+
+class _FusedRoIAlign(torch.autograd.Function):
+    """features (any layout/dtype) -> gathered rows [nbags, C] (compute dtype)."""
+
+    @staticmethod
+    def forward(ctx, plan: dict, *features: Tensor) -> Tensor:  # type: ignore[override]
+        with _cpu.serial():  # stray ATen ops single-threaded too; the big steps use the task pool
+            return _FusedRoIAlign._forward(ctx, plan, *features)
+
+    @staticmethod
+    def _forward(ctx, plan: dict, *features: Tensor) -> Tensor:
+        f0 = features[0]
+        ct, dev = plan["ct"], f0.device
+        shapes = [(int(f.shape[0]), int(f.shape[2]), int(f.shape[3])) for f in features]
+        C = int(f0.shape[1])
+        workers = _cpu.n_workers(dev)
+        n_rows = sum(b * h * w for b, h, w in shapes)
+        ws = _cpu.take_workspace(n_rows * C, ct, dev)
+        try:
+            buf = ws[: n_rows * C].view(n_rows, C) if ws is not None else torch.empty((n_rows, C), dtype=ct, device=dev)
+            _flatten_into(buf, features, workers)
+            idx, w, offsets = _build(plan, shapes, workers)
+            rows = _gather(buf, idx, w, offsets, workers)
+            del buf
+        finally:
+            _cpu.return_workspace(ws)
+        ctx.save_for_backward(idx, w, offsets)
+        ctx.meta = (shapes, C, [f.dtype for f in features], [_layout(f) for f in features])
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):  # type: ignore[override]
+        with _cpu.serial():
+            return _FusedRoIAlign._backward(ctx, grad_rows)
+
+    @staticmethod
+    def _backward(ctx, grad_rows: Tensor):
+        idx, w, offsets = ctx.saved_tensors
+        shapes, C, dtypes, layouts = ctx.meta
+        needs = ctx.needs_input_grad[1:]
+        dev = grad_rows.device
+        grads = [
+            (torch.empty((b, C, h, w_), dtype=dt, device=dev, memory_format=lay) if need else None)
+            for (b, h, w_), dt, lay, need in zip(shapes, dtypes, layouts, needs)
+        ]
+        if not any(needs):
+            return (None, *grads)
+        chunks = [c for c in _row_chunks(shapes, C, 4, dev) if needs[c[0]]]
+        ranges = [_cell_range(c, shapes) for c in chunks]
+
+        def write(j: int, rows: Tensor) -> None:
+            lvl, _, b0, b1, y0, y1 = chunks[j]
+            _, H, W = shapes[lvl]
+            nb, h = b1 - b0, y1 - y0
+            dst = grads[lvl][b0:b1, :, y0:y1, :]
+            if layouts[lvl] == torch.channels_last:
+                dst.permute(0, 2, 3, 1).copy_(rows.view(nb, h, W, C))
+            else:  # contiguous NCHW: a batched 2-D transpose
+                dst.flatten(2).copy_(rows.view(nb, h * W, C).transpose(1, 2))
+
+        workers = _cpu.n_workers(dev)
+        n_rows = sum(b * h * w_ for b, h, w_ in shapes)
+        if idx.numel() == 0:
+            for j, (c0, c1) in enumerate(ranges):
+                write(j, grad_rows.new_zeros((c1 - c0, C)))
+        else:
+            _transposed_gather(grad_rows.contiguous(), idx, w, offsets, n_rows, ranges, write, workers)
+        return (None, *grads)
+
+
+def _layout(f: Tensor) -> torch.memory_format:
+    """The memory format of a level's gradient: channels-last if the level is, else NCHW."""
+    if not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _WeightedGather(torch.autograd.Function):
+    """Flat API: buffer [N, C] -> rows [nbags, C]; backward: the transposed gather."""
+
+    @staticmethod
+    def forward(ctx, buf: Tensor, idx: Tensor, w: Tensor, offsets: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(idx, w, offsets)
+        ctx.n_rows = buf.shape[0]
+        with _cpu.serial():
+            return _gather(buf, idx, w, offsets, _cpu.n_workers(buf.device))
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):  # type: ignore[override]
+        with _cpu.serial():
+            return _WeightedGather._backward(ctx, grad_rows)
+
+    @staticmethod
+    def _backward(ctx, grad_rows: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        idx, w, offsets = ctx.saved_tensors
+        n_rows, C = ctx.n_rows, grad_rows.shape[1]
+        dev = grad_rows.device
+        gbuf = torch.empty((n_rows, C), dtype=grad_rows.dtype, device=dev)
+        if idx.numel() == 0:
+            gbuf.zero_()
+            return gbuf, None, None, None
+        step = max(1, _cpu.CHUNK_BYTES // (C * gbuf.element_size())) if dev.type == "cpu" else n_rows
+        ranges = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+        def write(j: int, rows: Tensor) -> None:
+            gbuf[ranges[j][0] : ranges[j][1]].copy_(rows)
+
+        _transposed_gather(grad_rows.contiguous(), idx, w, offsets, n_rows, ranges, write, _cpu.n_workers(dev))
+        return gbuf, None, None, None
+
+
+class _FlattenLevels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *features: Tensor) -> Tensor:  # type: ignore[override]
+        B, C = features[0].shape[:2]
+        n_rows = sum(B * f.shape[2] * f.shape[3] for f in features)
+        buf = torch.empty((n_rows, C), dtype=dtype, device=features[0].device)
+        with _cpu.serial():
+            _flatten_into(buf, features, _cpu.n_workers(buf.device))
+        ctx.meta = [(tuple(f.shape), f.dtype) for f in features]
+        return buf
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grads = []
+        o = 0
+        for ((B, C, H, W), dt), need in zip(ctx.meta, ctx.needs_input_grad[1:]):
+            n = B * H * W
+            grads.append(grad[o : o + n].view(B, H, W, C).permute(0, 3, 1, 2).to(dt) if need else None)
+            o += n
+        return (None, *grads)
