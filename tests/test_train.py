@@ -130,6 +130,33 @@ def test_resume_gives_the_uninterrupted_loss_sequence_and_weights(tmp_path):
     assert again["losses"] == [] and again["steps"] == 8
 
 
+def test_preloaded_cache_trains_exactly_like_the_streamed_one(tiny_cache, tmp_path):
+    """preload=on (records decoded once, float16 kept compact in RAM, no loader workers) gives the
+    bitwise-same loss sequence and weights as streaming the store with a worker, at equal threads."""
+    from mfdetr.cache.memory import InMemoryDataset, estimate_bytes, preload
+    from mfdetr.cache.reader import CacheDataset
+
+    ds = CacheDataset(tiny_cache)
+    mem = preload(ds, workers=1, progress=False)
+    assert isinstance(mem, InMemoryDataset) and len(mem) == len(ds) and mem.compact  # a float16 cache
+    for j in (0, len(ds) - 1):
+        a, b = ds[j], mem[j]
+        assert all(torch.equal(a["features"][k], b["features"][k]) and b["features"][k].dtype == torch.float32
+                   for k in a["features"])
+        assert torch.equal(a["queries"], b["queries"]) and torch.equal(a["mask_targets"], b["mask_targets"])
+    assert 0 < estimate_bytes(ds) < len(ds) * sum(v.nbytes for v in ds[0]["features"].values())  # compact
+    model = MaskNetConfig(dim=16, box_dim=8, roi_size=8)
+    kw = dict(model=model, loss=LossConfig(num_points=64), epochs=2, batch_size=4, warmup_iters=1, threads=1)
+    streamed = train_from_cache(tiny_cache, tmp_path / "s", small_cfg(preload="off", workers=1, **kw),
+                                val_cache=tiny_cache, progress=False)
+    held = train_from_cache(tiny_cache, tmp_path / "m", small_cfg(preload="on", workers=1, **kw),
+                            val_cache=tiny_cache, progress=False)
+    assert held["losses"] == streamed["losses"] and held["val_miou"] == streamed["val_miou"]
+    wa = read_checkpoint(tmp_path / "s" / "checkpoints" / "last.pt")["model"]
+    wb = read_checkpoint(tmp_path / "m" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_a_different_seed_gives_a_different_run(tmp_path):
     ds = SyntheticCache(8)
     a = train_from_cache(ds, tmp_path / "a", small_cfg(epochs=1, seed=0), progress=False)

@@ -37,11 +37,15 @@ def train_cmd(
         None, "--config", help="TOML with TrainConfig fields (epochs, lr, \\[model], \\[loss], ...) at the top "
         "level or under \\[train] (a pipeline file works)."
     ),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Passes over the train cache (default 3)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Passes over the train cache (default 4)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per step, per process (default 8)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW peak learning rate (default 2e-3)."),
     amp: Optional[str] = typer.Option(None, "--amp", help="Mixed precision: bf16, fp16 (CUDA only) or off (default off)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes reading the cache (default 2)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes reading the cache "
+                                          "(default 2; with a preload they only read it once)."),
+    preload: Optional[str] = typer.Option(None, "--preload", help="Hold the decoded train/val caches in RAM: auto (when "
+                                          "they fit preload_max_gb, default 4 GiB, and half the free memory), on, off "
+                                          "(stream from the store every epoch). Default auto."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA if present), cpu, cuda, cuda:N (default auto)."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/checkpoints/last.pt (same loss sequence "
                                 "as an uninterrupted run)."),
@@ -50,7 +54,8 @@ def train_cmd(
                                             "epoch; best.pt by it."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the model init, sampler and per-step sampling (default 0)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=0, help="torch CPU threads (default 0 = auto: the cores "
-                                          "per process left after the --workers, at least 1)."),
+                                          "per process left after the DataLoader workers -- all of them after a "
+                                          "preload -- at least 1)."),
     sets: list[str] = typer.Option([], "--set", help="Override any TrainConfig field, dotted: --set model.dim=64 "
                                    "--set loss.num_points=512 --set schedule=step (repeatable)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the tqdm bar (loss, images/s)."),
@@ -63,12 +68,14 @@ def train_cmd(
     from mfdetr.engine.train import train_from_cache
     from mfdetr.errors import MfdetrError
 
+    if preload is not None and preload not in ("auto", "on", "off"):
+        raise MfdetrError(f"--preload must be auto, on or off, got {preload!r}")
     if amp is not None and amp not in ("bf16", "fp16", "off"):
         raise MfdetrError(f"--amp must be bf16, fp16 or off, got {amp!r}")
     cfg = build_train_config(
         config, sets,
         {"epochs": epochs, "batch_size": batch_size, "lr": lr, "amp": amp, "workers": workers, "device": device,
-         "seed": seed, "threads": threads},
+         "seed": seed, "threads": threads, "preload": preload},
     )
     res = train_from_cache(cache, out, cfg, val_cache=val_cache, resume=resume, progress=progress)
     import os

@@ -207,11 +207,14 @@ def build_summary(cfg, records, summary, train_res, val_res, total_s) -> dict[st
     """One dict: APs, time per stage, cache bytes, where the outputs are."""
     segm = summary.get("segm", {})
     bbox = summary.get("bbox_detector", summary.get("bbox", {}))
+    train = next((r.detail for r in records if r.name == "train"), {})
+    miou = train.get("val_miou")
     return {
         "pipeline": cfg.name,
         "mask_ap": segm.get("AP"),
         "box_ap": bbox.get("AP"),
         "mask_ap_over_box_ap": (segm["AP"] / bbox["AP"]) if segm.get("AP") and bbox.get("AP") else None,
+        "val_miou": miou if isinstance(miou, float) and miou == miou else None,
         "segm": segm,
         "bbox": bbox,
         "stages": [{"name": r.name, "seconds": round(r.seconds, 2), "ran": r.ran, **r.detail} for r in records],
@@ -231,6 +234,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"== {s['pipeline']} ==",
         f"frozen detector box AP  {ap(s['box_ap'])}",
         f"mask AP                 {ap(s['mask_ap'])}   (mask AP / box AP = {ap(s['mask_ap_over_box_ap'])})",
+        f"val mean mask IoU       {ap(s.get('val_miou'))}   (matched boxes, last epoch)",
         "",
         f"{'stage':<16}{'seconds':>10}  {'status':<8}",
     ]

@@ -70,6 +70,11 @@ class TrainConfig:
     max_boxes_per_image: matched boxes per image that get a mask loss per step, sampled at random
         (0 = all); bounds the per-step cost on crowded images.
     val_batch_size / val_max_images: validation batch size and image cap (0 = all val images).
+    preload: hold the decoded caches in RAM (``mfdetr/cache/memory.py``): read once by ``workers``
+        processes, then training indexes memory with no workers and every core goes to the step
+        (1.6x faster steps on the 2-core reference machine; results identical). ``auto``: when the
+        train + val caches take at most ``preload_max_gb`` GiB (per local process) and half the
+        available memory; ``on``: always; ``off``: stream from the store with ``workers``.
     val_max_boxes_per_image: matched boxes validated per image, one per object first (its best-
         scored box), 0 = all. Top-k over query x class yields ~9 boxes per object on the shapes
         caches; 8 per image measured the same mean IoU as all of them (0.835 vs 0.834) at 1/3 the
@@ -78,7 +83,7 @@ class TrainConfig:
 
     model: MaskNetConfig = field(default_factory=MaskNetConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -98,6 +103,8 @@ class TrainConfig:
     val_batch_size: int = 16
     val_max_images: int = 0
     val_max_boxes_per_image: int = 8
+    preload: Literal["auto", "on", "off"] = "auto"
+    preload_max_gb: float = 4.0
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -132,7 +139,7 @@ def autocast_ctx(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def compute_threads(cfg: TrainConfig, device: torch.device, info: Any = None) -> int:
+def compute_threads(cfg: TrainConfig, device: torch.device, info: Any = None, workers: int | None = None) -> int:
     """torch intra-op threads of a training process.
 
     ``cfg.threads`` when set; else on CPU the cores left after the DataLoader workers, split among
@@ -146,7 +153,42 @@ def compute_threads(cfg: TrainConfig, device: torch.device, info: Any = None) ->
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", getattr(info, "world", 1) or 1)))
-    return max(1, cores // local - cfg.workers)
+    return max(1, cores // local - (cfg.workers if workers is None else workers))
+
+
+def _available_bytes() -> float:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def maybe_preload(ds: Any, vds: Any, cfg: TrainConfig, info: Any, progress: bool) -> tuple[Any, Any, int]:
+    """Apply ``cfg.preload``: -> (train dataset, val dataset, DataLoader workers for training)."""
+    if cfg.preload == "off":
+        return ds, vds, cfg.workers
+    from mfdetr.cache.memory import estimate_bytes, preload
+
+    need = estimate_bytes(ds) + (estimate_bytes(vds) if vds is not None and info.is_main else 0)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", getattr(info, "world", 1) or 1)))
+    budget = min(cfg.preload_max_gb * 2**30 / local, 0.5 * _available_bytes() / local)
+    if cfg.preload == "auto" and need > budget:
+        if info.is_main:
+            _log(f"train-from-cache: streaming the cache with {cfg.workers} worker(s) (held in RAM it would take "
+                 f"{need / 2**30:.2f} GiB > {budget / 2**30:.2f} GiB: preload_max_gb / available memory)")
+        return ds, vds, cfg.workers
+    t0 = time.perf_counter()
+    show = progress and info.is_main
+    ds = preload(ds, cfg.workers, show, "preload train cache")
+    if vds is not None and info.is_main:
+        vds = preload(vds, cfg.workers, show, "preload val cache")
+    if info.is_main:
+        _log(f"train-from-cache: caches held in RAM ({need / 2**30:.2f} GiB, read in {time.perf_counter() - t0:.1f}s); "
+             "training reads memory with no workers")
+    return ds, vds, 0
 
 
 def open_dataset(cache: Any, what: str = "cache") -> Any:
@@ -279,15 +321,17 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(ds: Any, batch_size: int, workers: int, sampler: Any = None, shuffle: bool = False,
-                drop_last: bool = False, seed: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over cache records (collate = the dataset's), workers started by forkserver."""
+                drop_last: bool = False, seed: int = 0, pin_memory: bool = False, collate_fn: Any = None,
+                persistent: bool = True) -> DataLoader:
+    """A DataLoader over cache records (collate = the dataset's unless ``collate_fn``), workers
+    started by forkserver (kept across epochs when ``persistent``)."""
     kw: dict[str, Any] = {}
     if workers > 0:
         import multiprocessing as mp
 
         kw = {
             "multiprocessing_context": "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn",
-            "persistent_workers": True,
+            "persistent_workers": persistent,
             "prefetch_factor": 4,
             "worker_init_fn": _worker_init,
         }
@@ -297,7 +341,7 @@ def make_loader(ds: Any, batch_size: int, workers: int, sampler: Any = None, shu
         sampler=sampler,
         shuffle=shuffle if sampler is None else False,
         num_workers=workers,
-        collate_fn=ds.collate,
+        collate_fn=collate_fn or ds.collate,
         drop_last=drop_last,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),  # worker seeds: never touches the global RNG
@@ -431,6 +475,8 @@ def train_from_cache(
         elif any(ckpt_dir.glob("*.pt")):  # every rank sees the same run dir: all raise, none hangs
             raise MfdetrError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
         dist_utils.barrier(info)
+        ds, vds, workers = maybe_preload(ds, vds, cfg, info, progress)
+        torch.set_num_threads(compute_threads(cfg, device, info, workers))
 
         _seed_all(cfg.seed)
         model = build_mask_net(cfg.model, ds.levels, ds.query_dim).to(device)
@@ -440,7 +486,7 @@ def train_from_cache(
         sampler = DistributedSampler(ds, num_replicas=info.world, rank=info.rank, shuffle=True, seed=cfg.seed)
         per_rank = len(sampler)
         drop_last = per_rank >= cfg.batch_size
-        loader = make_loader(ds, cfg.batch_size, cfg.workers, sampler=sampler, drop_last=drop_last, seed=cfg.seed,
+        loader = make_loader(ds, cfg.batch_size, workers, sampler=sampler, drop_last=drop_last, seed=cfg.seed,
                              pin_memory=device.type == "cuda")
         iters_per_epoch = len(loader)
         if iters_per_epoch == 0:
@@ -451,7 +497,7 @@ def train_from_cache(
         scaler = torch.amp.GradScaler(device.type, enabled=(cfg.amp == "fp16"))
         val_loader = None
         if vds is not None and info.is_main:
-            val_loader = make_loader(vds, cfg.val_batch_size, min(cfg.workers, 2), seed=cfg.seed,
+            val_loader = make_loader(vds, cfg.val_batch_size, min(workers, 2), seed=cfg.seed,
                                      pin_memory=device.type == "cuda")
 
         start_epoch, step, best = 0, 0, -1.0

@@ -14,8 +14,10 @@ DETR encoder levels) before the boxes are pooled. Ours, sized for a CPU at 192 p
    depthwise-separable conv blocks on it (a dense 3x3 conv at 128 channels costs 9x more).
 4. finer levels (e.g. the stride-4 backbone map when fusing at 8) are only channel-mapped, straight
    to the box width (``fine_dim``): they bring the high-resolution detail, and the fused multi-level
-   RoIAlign pools them together with the fused map in one pass (summed), so no 3x3 conv ever runs
-   at stride 4.
+   RoIAlign pools them together with the fused map in one pass (summed), so no 3x3 conv runs at
+   their stride. The default ``fuse_stride`` 4 fuses (and refines) every level down to a stride-4
+   backbone map when the cache has one: on the shapes caches that is +0.012 val mean mask IoU for
+   20% more step time (small objects gain most: 0.798 -> 0.817 below 32x32 px).
 
 ``forward`` returns the maps to pool and their strides.
 """
