@@ -97,7 +97,9 @@ def test_rois_use_the_scale_and_the_default_is_small(data):
     b, k = rows[:, 0], rows[:, 1]
     assert torch.allclose(rois[:, 1:], batch["boxes"][b, k] * 0.75)
     assert torch.equal(rois[:, 0], b.float())
-    assert strides == [8, 4]  # the fused map (strides >= 8) + the finer s4 level
+    assert strides == [4]  # default fuse_stride 4: every level fused onto one stride-4 map
+    net8 = build_mask_net(small(fuse_stride=8), ds.levels, ds.query_dim)
+    assert net8.features_and_rois(batch, None)[1] == [8, 4]  # the fused map (strides >= 8) + the finer s4 level
     # the default (paper) config at the shapes setting stays light
     from mfdetr.detectors.base import LevelSpec
 

@@ -93,7 +93,7 @@ class InMemoryDataset(Dataset):
 def preload(ds: Any, workers: int = 2, progress: bool = True, desc: str = "preload") -> InMemoryDataset:
     """Decode every record of ``ds`` once (``workers`` processes) and return them as an
     ``InMemoryDataset``, in dataset order."""
-    from mfdetr.engine.train import make_loader  # the same worker set-up as training
+    from mfdetr.engine.train_data import make_loader  # the same worker set-up as training
 
     dtype = compact_dtype(ds)
     loader: DataLoader = make_loader(ds, batch_size=16, workers=workers, collate_fn=_as_list, persistent=False)

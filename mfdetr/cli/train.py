@@ -12,7 +12,7 @@ from mfdetr.cli.app import app
 
 def build_train_config(config: Optional[Path], sets: list[str], explicit: dict[str, Any]) -> Any:
     """TrainConfig = defaults <- TOML file (top level, or its ``[train]`` table) <- ``--set`` <- options."""
-    from mfdetr.engine.train import TrainConfig
+    from mfdetr.engine.train_config import TrainConfig
     from mfdetr.utils.config import apply_overrides, from_dict, load_toml
 
     data: dict[str, Any] = {}

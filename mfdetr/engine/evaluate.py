@@ -10,6 +10,10 @@ optional overlay PNGs.
 
 Box results (``results_bbox.json``) are the frozen detector's own: the top-``topk`` valid boxes by
 detection score, so the box AP is the detector's box AP on the cached boxes.
+
+The mask-network step (``image_jobs``, ``box_results``) lives in :mod:`mfdetr.engine.eval_jobs`, the
+checkpoint metadata and compatibility check (``meta_detector``, ``meta_categories``,
+``check_compatible``, ``level_dicts``) in :mod:`mfdetr.engine.eval_meta`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,164 +31,10 @@ from mfdetr.engine.coco_results import (
     format_table,
     load_coco,
     run_cocoeval,
-    xyxy_to_xywh,
 )
-from mfdetr.engine.paste import paste_masks_torch
+from mfdetr.engine.eval_jobs import box_results, image_jobs
+from mfdetr.engine.eval_meta import _get, check_compatible, level_dicts, meta_categories, meta_detector  # noqa: F401
 from mfdetr.errors import MfdetrError
-
-
-# ------------------------------------------------------------------------------- checkpoint meta
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
-def level_dicts(levels: Sequence[Any] | None) -> list[dict[str, Any]]:
-    """LevelSpec objects or dicts -> ``[{name, stride, channels}]``."""
-    out = []
-    for lv in levels or []:
-        out.append({"name": str(_get(lv, "name")), "stride": int(_get(lv, "stride")), "channels": int(_get(lv, "channels"))})
-    return out
-
-
-def meta_detector(meta: dict[str, Any]) -> dict[str, Any]:
-    """The detector a checkpoint was trained on: ``{spec, fingerprint, levels, detector_levels, topk}``.
-
-    Reads ``meta["detector"]`` (a dict as in the cache attributes) with top-level fallbacks
-    (``detector_spec``, ``detector_fingerprint``, ``levels``, ``cache.options.topk``).
-    """
-    det = meta.get("detector") if isinstance(meta.get("detector"), dict) else {}
-    cache = meta.get("cache") if isinstance(meta.get("cache"), dict) else {}
-    options = cache.get("options") or meta.get("options") or {}
-    return {
-        "spec": det.get("spec") or meta.get("detector_spec"),
-        "fingerprint": det.get("fingerprint") or meta.get("detector_fingerprint"),
-        # the levels the mask network reads / the levels the detector was built with
-        "levels": level_dicts(meta.get("levels") or det.get("levels")),
-        "detector_levels": level_dicts(det.get("levels") or meta.get("levels")),
-        "topk": det.get("topk") or options.get("topk") or meta.get("topk"),
-    }
-
-
-def meta_categories(meta: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The dataset categories a checkpoint recorded (``[{id, name}]``), if any."""
-    for holder in (meta, meta.get("dataset") or {}, meta.get("cache") or {}, (meta.get("cache") or {}).get("dataset") or {}):
-        cats = holder.get("categories") if isinstance(holder, dict) else None
-        if cats:
-            return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats]
-    return None
-
-
-def check_compatible(meta: dict[str, Any], cache_attrs: dict[str, Any], cache: str, checkpoint: Path) -> None:
-    """Refuse a checkpoint trained on another detector (fingerprint) or on levels the cache lacks."""
-    want = meta_detector(meta)
-    have = cache_attrs.get("detector") or {}
-    fp_c, fp_k = have.get("fingerprint"), want["fingerprint"]
-    if fp_c and fp_k and fp_c != fp_k:
-        raise MfdetrError(
-            f"checkpoint {checkpoint} was trained on detector {want['spec']!r} (fingerprint {fp_k[:12]}) but "
-            f"cache {cache} holds detector {have.get('spec')!r} (fingerprint {fp_c[:12]}): extract the "
-            "validation cache with the checkpoint's detector and options"
-        )
-    cache_levels = {d["name"]: d for d in level_dicts(have.get("levels"))}
-    for lv in want["levels"]:
-        got = cache_levels.get(lv["name"])
-        if cache_levels and (got is None or got["stride"] != lv["stride"] or got["channels"] != lv["channels"]):
-            raise MfdetrError(
-                f"checkpoint {checkpoint} needs feature level {lv} that cache {cache} does not hold as such "
-                f"(cache levels: {list(cache_levels.values())}): extract the cache with the same levels"
-            )
-
-
-# ------------------------------------------------------------------------------------ mask net step
-@torch.inference_mode()
-def image_jobs(
-    model: torch.nn.Module,
-    batch: dict[str, Any],
-    topk: int = 100,
-    mask_score: bool = True,
-    mask_threshold: float = 0.5,
-    device: torch.device | str = "cpu",
-    score_threshold: float | None = None,
-    paste_on_device: bool | None = None,
-) -> list[dict[str, Any]]:
-    """Run the mask network on one batch and build one paste/encode job per image.
-
-    Each job (see :func:`mfdetr.engine.coco_results.image_results`) holds the image's top-``topk``
-    boxes by final score (``score_threshold`` then drops lower ones), their labels, final scores,
-    detection scores and either box-frame probabilities (CPU: pasted later, in a worker) or
-    thresholded crops (pasted here, chunked, when ``device`` is not the CPU; ``paste_on_device``
-    overrides that choice).
-    """
-    from mfdetr.cache.batch import batch_to
-
-    dev = torch.device(device)
-    b_dev = batch_to(batch, dev)
-    out = model(b_dev)
-    rows = out["rows"].long()
-    logits = out["mask_logits"]
-    iou = out.get("iou_pred")
-    det = b_dev["scores"][rows[:, 0], rows[:, 1]].float()
-    if mask_score and iou is not None:
-        final = det * iou.float().clamp(0.0, 1.0)
-    else:
-        final = det
-    rows_c, final_c, det_c = rows.cpu(), final.cpu(), det.cpu()
-    boxes_all = batch["boxes"].float()
-    labels_all = batch["labels"]
-    sizes = batch["orig_size"]
-    jobs = []
-    for b in range(int(batch["image_id"].shape[0])):
-        sel = torch.nonzero(rows_c[:, 0] == b).flatten()
-        order = torch.argsort(final_c[sel], descending=True, stable=True)[:topk]
-        idx = sel[order]
-        if score_threshold is not None:
-            idx = idx[final_c[idx] >= score_threshold]
-        ks = rows_c[idx, 1]
-        h, w = int(sizes[b, 0]), int(sizes[b, 1])
-        boxes = boxes_all[b, ks]
-        job: dict[str, Any] = {
-            "image_id": int(batch["image_id"][b]),
-            "index": int(batch["index"][b]),
-            "height": h,
-            "width": w,
-            "boxes": boxes.numpy().astype(np.float32),
-            "labels": labels_all[b, ks].numpy().astype(np.int64),
-            "scores": final_c[idx].numpy().astype(np.float64),
-            "det_scores": det_c[idx].numpy().astype(np.float64),
-            "threshold": float(mask_threshold),
-        }
-        probs = torch.sigmoid(logits[idx.to(logits.device)].float())
-        on_device = dev.type != "cpu" if paste_on_device is None else paste_on_device
-        if not on_device:
-            job["probs"] = probs.cpu().numpy()
-        else:
-            job["crops"] = paste_masks_torch(probs, boxes.to(dev), h, w, mask_threshold)
-        jobs.append(job)
-    return jobs
-
-
-def box_results(batch: dict[str, Any], topk: int = 100) -> list[dict[str, Any]]:
-    """The detector's own box results: per image the top-``topk`` valid boxes by detection score."""
-    out = []
-    for b in range(int(batch["image_id"].shape[0])):
-        valid = torch.nonzero(batch["valid"][b]).flatten()
-        scores = batch["scores"][b, valid].float()
-        ks = valid[torch.argsort(scores, descending=True, stable=True)[:topk]]
-        xywh = xyxy_to_xywh(batch["boxes"][b, ks].float().numpy())
-        for j, k in enumerate(ks.tolist()):
-            out.append(
-                {
-                    "image_id": int(batch["image_id"][b]),
-                    "category_id": int(batch["labels"][b, k]),
-                    "bbox": [round(float(v), 3) for v in xywh[j]],
-                    "score": float(batch["scores"][b, k]),
-                }
-            )
-    return out
 
 
 # ------------------------------------------------------------------------------------------ images

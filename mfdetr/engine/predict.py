@@ -1,7 +1,7 @@
 """``mfdetr predict``: masks for new images, live: detector -> mask network -> paste -> RLE, no cache.
 
 The same modules as evaluation: ``records_from_detections`` + ``collate_records`` build the batch the
-mask network was trained on, :func:`mfdetr.engine.evaluate.image_jobs` picks the boxes and scores,
+mask network was trained on, :func:`mfdetr.engine.eval_jobs.image_jobs` picks the boxes and scores,
 :func:`mfdetr.engine.coco_results.image_results` pastes and encodes. On the same images (and the same
 detector fingerprint) the masks equal ``evaluate``'s over a cache, up to the cache's storage dtype.
 """
@@ -17,7 +17,9 @@ from typing import Any, Sequence
 import torch
 
 from mfdetr.engine.coco_results import image_results
-from mfdetr.engine.evaluate import image_jobs, meta_categories, meta_detector, read_image
+from mfdetr.engine.eval_jobs import image_jobs
+from mfdetr.engine.eval_meta import meta_categories, meta_detector
+from mfdetr.engine.evaluate import read_image
 from mfdetr.errors import MfdetrError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}

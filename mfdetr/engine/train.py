@@ -21,268 +21,51 @@ exactly as the uninterrupted run (same loss sequence, same final weights; on CPU
 
 DDP: launched by ``torchrun`` (``WORLD_SIZE > 1``): gloo on CPU, NCCL on GPU, the same sampler
 sharded by rank; rank 0 validates, logs and writes checkpoints.
+
+The pieces, re-exported here: ``TrainConfig`` (:mod:`mfdetr.engine.train_config`), opening and
+checking caches, the DataLoader and preloading (:mod:`mfdetr.engine.train_data`), device, autocast
+and threads (:mod:`mfdetr.engine.train_runtime`), the boxes of a step (:mod:`mfdetr.engine.box_select`)
+and validation (:mod:`mfdetr.engine.validate`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from mfdetr import __version__
 from mfdetr.cache.batch import batch_to
 from mfdetr.engine import distributed as dist_utils
+from mfdetr.engine.box_select import _top_per_row, train_select, val_select  # noqa: F401
 from mfdetr.engine.schedule import build_scheduler
+from mfdetr.engine.train_config import TrainConfig
+from mfdetr.engine.train_data import (  # noqa: F401
+    _available_bytes,
+    _has_targets,
+    _level_dicts,
+    _worker_init,
+    check_cache_fits,
+    make_loader,
+    maybe_preload,
+    open_dataset,
+)
+from mfdetr.engine.train_runtime import _log, autocast_ctx, compute_threads, resolve_device  # noqa: F401
+from mfdetr.engine.validate import validate
 from mfdetr.errors import MfdetrError
 from mfdetr.model.checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint, save_checkpoint
-from mfdetr.model.config import LossConfig, MaskNetConfig
-from mfdetr.model.losses import compute_losses, mask_iou
+from mfdetr.model.losses import compute_losses
 from mfdetr.utils.config import to_dict
 
 
-@dataclass
-class TrainConfig:
-    """Training of the mask network from a cache (TOML table ``[train]`` in a pipeline).
-
-    model / loss: the network (``MaskNetConfig``) and its losses (``LossConfig``).
-    epochs: passes over the train cache. batch_size: images per step (per process under DDP).
-    lr / weight_decay: AdamW (no decay on biases, norms and embeddings).
-    warmup_iters: linear warmup steps. schedule: ``cosine`` (to ``min_lr_ratio`` x lr) or ``step``
-        (x ``step_gamma`` at each fraction of the run in ``step_milestones``).
-    grad_clip: max global gradient norm (0 = off).
-    amp: ``off`` | ``bf16`` | ``fp16`` autocast (CUDA; bf16 also allowed on CPU, fp16 is not).
-    workers: DataLoader worker processes. device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
-    threads: torch CPU threads of the training process (0 = auto: on CPU the cores per process left
-        after the DataLoader workers, at least 1; see ``compute_threads``).
-    seed: seeds the model init, the sampler and every random draw (boxes and points per step).
-    log_every: steps between ``metrics.jsonl`` step records and bar updates.
-    max_boxes_per_image: matched boxes per image that get a mask loss per step, sampled at random
-        (0 = all); bounds the per-step cost on crowded images.
-    val_batch_size / val_max_images: validation batch size and image cap (0 = all val images).
-    preload: hold the decoded caches in RAM (``mfdetr/cache/memory.py``): read once by ``workers``
-        processes, then training indexes memory with no workers and every core goes to the step
-        (1.6x faster steps on the 2-core reference machine; results identical). ``auto``: when the
-        train + val caches take at most ``preload_max_gb`` GiB (per local process) and half the
-        available memory; ``on``: always; ``off``: stream from the store with ``workers``.
-    val_max_boxes_per_image: matched boxes validated per image, one per object first (its best-
-        scored box), 0 = all. Top-k over query x class yields ~9 boxes per object on the shapes
-        caches; 8 per image measured the same mean IoU as all of them (0.835 vs 0.834) at 1/3 the
-        cost (9 s instead of 28 s of CPU for 300 images).
-    """
-
-    model: MaskNetConfig = field(default_factory=MaskNetConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    epochs: int = 4
-    batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_iters: int = 100
-    schedule: Literal["cosine", "step"] = "cosine"
-    min_lr_ratio: float = 0.01
-    step_milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])
-    step_gamma: float = 0.1
-    grad_clip: float = 1.0
-    amp: Literal["off", "bf16", "fp16"] = "off"
-    workers: int = 2
-    device: str = "auto"
-    threads: int = 0
-    seed: int = 0
-    log_every: int = 20
-    max_boxes_per_image: int = 4
-    val_batch_size: int = 16
-    val_max_images: int = 0
-    val_max_boxes_per_image: int = 8
-    preload: Literal["auto", "on", "off"] = "auto"
-    preload_max_gb: float = 4.0
-
-
 # ------------------------------------------------------------------------------------------ helpers
-def _log(msg: str) -> None:
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(msg, file=sys.stderr)
-    except Exception:  # pragma: no cover
-        print(msg, file=sys.stderr)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available (``cuda:local_rank``), else CPU; explicit names are checked."""
-    if name in ("", "auto"):
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MfdetrError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
-def autocast_ctx(device: torch.device, amp: str):
-    """The autocast context for ``amp`` on ``device`` (``off`` -> no-op)."""
-    if amp == "off":
-        return nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise MfdetrError("amp fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def compute_threads(cfg: TrainConfig, device: torch.device, info: Any = None, workers: int | None = None) -> int:
-    """torch intra-op threads of a training process.
-
-    ``cfg.threads`` when set; else on CPU the cores left after the DataLoader workers, split among
-    the local DDP processes (at least 1): OpenMP teams that share cores with worker processes (or
-    with each other) stall on every small op -- measured here, 2 threads + 2 workers on 2 cores ran
-    a step 6x slower than 1 thread + 1 worker. On CUDA: torch's default.
-    """
-    if cfg.threads > 0:
-        return cfg.threads
-    if device.type != "cpu":
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", getattr(info, "world", 1) or 1)))
-    return max(1, cores // local - (cfg.workers if workers is None else workers))
-
-
-def _available_bytes() -> float:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float("inf")
-
-
-def maybe_preload(ds: Any, vds: Any, cfg: TrainConfig, info: Any, progress: bool) -> tuple[Any, Any, int]:
-    """Apply ``cfg.preload``: -> (train dataset, val dataset, DataLoader workers for training)."""
-    if cfg.preload == "off":
-        return ds, vds, cfg.workers
-    from mfdetr.cache.memory import estimate_bytes, preload
-
-    need = estimate_bytes(ds) + (estimate_bytes(vds) if vds is not None and info.is_main else 0)
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", getattr(info, "world", 1) or 1)))
-    budget = min(cfg.preload_max_gb * 2**30 / local, 0.5 * _available_bytes() / local)
-    if cfg.preload == "auto" and need > budget:
-        if info.is_main:
-            _log(f"train-from-cache: streaming the cache with {cfg.workers} worker(s) (held in RAM it would take "
-                 f"{need / 2**30:.2f} GiB > {budget / 2**30:.2f} GiB: preload_max_gb / available memory)")
-        return ds, vds, cfg.workers
-    t0 = time.perf_counter()
-    show = progress and info.is_main
-    ds = preload(ds, cfg.workers, show, "preload train cache")
-    if vds is not None and info.is_main:
-        vds = preload(vds, cfg.workers, show, "preload val cache")
-    if info.is_main:
-        _log(f"train-from-cache: caches held in RAM ({need / 2**30:.2f} GiB, read in {time.perf_counter() - t0:.1f}s); "
-             "training reads memory with no workers")
-    return ds, vds, 0
-
-
-def open_dataset(cache: Any, what: str = "cache") -> Any:
-    """A path/URL -> ``CacheDataset``; an object with ``levels``/``query_dim``/``collate`` passes."""
-    if hasattr(cache, "levels") and hasattr(cache, "collate") and hasattr(cache, "__getitem__"):
-        return cache
-    from mfdetr.cache.reader import CacheDataset
-
-    ds = CacheDataset(cache)
-    if len(ds) == 0:
-        raise MfdetrError(f"{what} {cache} has no done images; run (or finish) `mfdetr extract` first")
-    return ds
-
-
-def _has_targets(ds: Any) -> bool:
-    if getattr(ds, "load_targets", True) is False:
-        return False
-    opts = (getattr(ds, "attrs", None) or {}).get("options") or {}
-    return bool(opts.get("targets", True))
-
-
-def _level_dicts(levels: Iterable[Any]) -> list[dict[str, Any]]:
-    return [{"name": lv.name, "stride": int(lv.stride), "channels": int(lv.channels)} for lv in levels]
-
-
-def check_cache_fits(ds: Any, model_cfg: MaskNetConfig, where: str, ckpt: dict[str, Any] | None = None,
-                     ckpt_path: Any = None) -> None:
-    """Clear errors when a cache's levels / channels / query width do not fit the config or checkpoint."""
-    have = {lv.name: lv for lv in ds.levels}
-    if model_cfg.levels:
-        missing = [n for n in model_cfg.levels if n not in have]
-        if missing:
-            raise MfdetrError(
-                f"the config asks for level(s) {missing} (model.levels = {model_cfg.levels}) but {where} has "
-                f"levels {_level_dicts(ds.levels)}"
-            )
-    if ckpt is None:
-        return
-    for lv in ckpt["levels"]:
-        got = have.get(lv["name"])
-        if got is None or got.stride != lv["stride"] or got.channels != lv["channels"]:
-            raise MfdetrError(
-                f"checkpoint {ckpt_path} was trained on level {lv} but {where} has "
-                f"{_level_dicts([got]) if got else 'no such level'} (cache levels: {_level_dicts(ds.levels)})"
-            )
-    if int(ckpt["query_dim"]) != int(ds.query_dim):
-        raise MfdetrError(
-            f"checkpoint {ckpt_path} was trained on queries of width {ckpt['query_dim']} but {where} has "
-            f"query_dim {ds.query_dim}"
-        )
-
-
-def train_select(batch: dict[str, Any], max_matched: int, n_unmatched: int) -> torch.Tensor:
-    """Boxes a step trains on, ``[B, K]`` bool: up to ``max_matched`` matched boxes per image (random,
-    0 = all) and up to ``n_unmatched`` unmatched valid ones (for the IoU head's target 0).
-
-    Distinct objects first: with one-to-many matching (and top-k over query x class, where one query
-    shows up under several labels) an object can own many boxes; the cap takes one box of every
-    matched annotation (at random) before a second box of any. Draws from the global torch RNG
-    (saved in checkpoints: exact resume). Never empty: an image batch without any valid box selects
-    its first row (a zero box; its loss weight is 0).
-    """
-    valid = batch["valid"]
-    ann = batch["match_ann_id"]
-    matched = valid & (ann >= 0)
-    prio = torch.rand(valid.shape, device=valid.device)
-    if max_matched > 0:
-        same = (ann[:, :, None] == ann[:, None, :]) & matched[:, :, None] & matched[:, None, :]
-        rank = (same & (prio[:, None, :] > prio[:, :, None])).sum(-1)  # same-object boxes drawn before
-        sel = _top_per_row(matched, prio - rank.to(prio.dtype), max_matched)
-    else:
-        sel = matched.clone()
-    if n_unmatched > 0:
-        sel |= _top_per_row(valid & ~matched, prio, n_unmatched)
-    if not bool(sel.any()):
-        if bool(valid.any()):
-            sel = valid.clone()
-        else:
-            sel = torch.zeros_like(valid)
-            sel[0, 0] = True
-    return sel
-
-
-def _top_per_row(mask: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor:
-    if n <= 0:
-        return mask.clone()
-    score = torch.where(mask, score, torch.full_like(score, -1e9))
-    k = min(n, mask.shape[1])
-    idx = score.topk(k, dim=1).indices
-    out = torch.zeros_like(mask)
-    out.scatter_(1, idx, True)
-    return out & mask
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -314,89 +97,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def make_loader(ds: Any, batch_size: int, workers: int, sampler: Any = None, shuffle: bool = False,
-                drop_last: bool = False, seed: int = 0, pin_memory: bool = False, collate_fn: Any = None,
-                persistent: bool = True) -> DataLoader:
-    """A DataLoader over cache records (collate = the dataset's unless ``collate_fn``), workers
-    started by forkserver (kept across epochs when ``persistent``)."""
-    kw: dict[str, Any] = {}
-    if workers > 0:
-        import multiprocessing as mp
-
-        kw = {
-            "multiprocessing_context": "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn",
-            "persistent_workers": persistent,
-            "prefetch_factor": 4,
-            "worker_init_fn": _worker_init,
-        }
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=shuffle if sampler is None else False,
-        num_workers=workers,
-        collate_fn=collate_fn or ds.collate,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),  # worker seeds: never touches the global RNG
-        **kw,
-    )
-
-
-# ----------------------------------------------------------------------------------- validation
-def val_select(batch: dict[str, Any], max_boxes: int = 0) -> torch.Tensor:
-    """Matched boxes to validate, ``[B, K]`` bool: all (``max_boxes`` 0), or per image up to
-    ``max_boxes``, one box per matched object first (its highest-scoring box), then the next best
-    boxes -- deterministic. Top-k over query x class gives ~9 boxes per object here; the best-scored
-    box of each object is what AP mostly sees."""
-    matched = batch["valid"] & (batch["match_ann_id"] >= 0)
-    if max_boxes <= 0:
-        return matched
-    ann, score = batch["match_ann_id"], batch["scores"].float()
-    same = (ann[:, :, None] == ann[:, None, :]) & matched[:, :, None] & matched[:, None, :]
-    k = ann.shape[1]
-    idx = torch.arange(k, device=ann.device)
-    better = (score[:, None, :] > score[:, :, None]) | ((score[:, None, :] == score[:, :, None]) & (idx[None, :] < idx[:, None])[None])
-    rank = (same & better).sum(-1)
-    return _top_per_row(matched, score.clamp(0, 1) * 0.5 - rank.to(score.dtype), max_boxes)
-
-
-@torch.no_grad()
-def validate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp: str = "off",
-             max_images: int = 0, max_boxes: int = 0) -> dict[str, float]:
-    """Mean mask IoU of the matched boxes (mask > 0.5 vs the cached crop, at the crop's resolution),
-    and the IoU head's mean absolute error on them; ``max_boxes``: see ``val_select``."""
-    was_training = model.training
-    model.eval()
-    inter_sum, n, err_sum, images = 0.0, 0, 0.0, 0
-    for batch in loader:
-        batch = batch_to(batch, device)
-        select = val_select(batch, max_boxes)
-        if bool(select.any()):
-            with autocast_ctx(device, amp):
-                out = model(batch, select)
-            rows = out["rows"]
-            targets = batch["mask_targets"][rows[:, 0], rows[:, 1]]
-            iou = mask_iou(out["mask_logits"].float(), targets)
-            inter_sum += float(iou.sum())
-            err_sum += float((out["iou_pred"].float() - iou).abs().sum())
-            n += int(iou.numel())
-        images += int(batch["valid"].shape[0])
-        if max_images and images >= max_images:
-            break
-    model.train(was_training)
-    return {
-        "val_miou": inter_sum / max(n, 1),
-        "val_iou_head_mae": err_sum / max(n, 1),
-        "val_boxes": float(n),
-        "val_images": float(images),
-    }
 
 
 # ---------------------------------------------------------------------------------------- train

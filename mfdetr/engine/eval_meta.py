@@ -1,0 +1,74 @@
+"""What a mask-network checkpoint records about its detector, levels and categories, and the check
+that a cache was extracted with the same detector and levels (used by ``evaluate`` and ``predict``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from mfdetr.errors import MfdetrError
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def level_dicts(levels: Sequence[Any] | None) -> list[dict[str, Any]]:
+    """LevelSpec objects or dicts -> ``[{name, stride, channels}]``."""
+    out = []
+    for lv in levels or []:
+        out.append({"name": str(_get(lv, "name")), "stride": int(_get(lv, "stride")), "channels": int(_get(lv, "channels"))})
+    return out
+
+
+def meta_detector(meta: dict[str, Any]) -> dict[str, Any]:
+    """The detector a checkpoint was trained on: ``{spec, fingerprint, levels, detector_levels, topk}``.
+
+    Reads ``meta["detector"]`` (a dict as in the cache attributes) with top-level fallbacks
+    (``detector_spec``, ``detector_fingerprint``, ``levels``, ``cache.options.topk``).
+    """
+    det = meta.get("detector") if isinstance(meta.get("detector"), dict) else {}
+    cache = meta.get("cache") if isinstance(meta.get("cache"), dict) else {}
+    options = cache.get("options") or meta.get("options") or {}
+    return {
+        "spec": det.get("spec") or meta.get("detector_spec"),
+        "fingerprint": det.get("fingerprint") or meta.get("detector_fingerprint"),
+        # the levels the mask network reads / the levels the detector was built with
+        "levels": level_dicts(meta.get("levels") or det.get("levels")),
+        "detector_levels": level_dicts(det.get("levels") or meta.get("levels")),
+        "topk": det.get("topk") or options.get("topk") or meta.get("topk"),
+    }
+
+
+def meta_categories(meta: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The dataset categories a checkpoint recorded (``[{id, name}]``), if any."""
+    for holder in (meta, meta.get("dataset") or {}, meta.get("cache") or {}, (meta.get("cache") or {}).get("dataset") or {}):
+        cats = holder.get("categories") if isinstance(holder, dict) else None
+        if cats:
+            return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats]
+    return None
+
+
+def check_compatible(meta: dict[str, Any], cache_attrs: dict[str, Any], cache: str, checkpoint: Path) -> None:
+    """Refuse a checkpoint trained on another detector (fingerprint) or on levels the cache lacks."""
+    want = meta_detector(meta)
+    have = cache_attrs.get("detector") or {}
+    fp_c, fp_k = have.get("fingerprint"), want["fingerprint"]
+    if fp_c and fp_k and fp_c != fp_k:
+        raise MfdetrError(
+            f"checkpoint {checkpoint} was trained on detector {want['spec']!r} (fingerprint {fp_k[:12]}) but "
+            f"cache {cache} holds detector {have.get('spec')!r} (fingerprint {fp_c[:12]}): extract the "
+            "validation cache with the checkpoint's detector and options"
+        )
+    cache_levels = {d["name"]: d for d in level_dicts(have.get("levels"))}
+    for lv in want["levels"]:
+        got = cache_levels.get(lv["name"])
+        if cache_levels and (got is None or got["stride"] != lv["stride"] or got["channels"] != lv["channels"]):
+            raise MfdetrError(
+                f"checkpoint {checkpoint} needs feature level {lv} that cache {cache} does not hold as such "
+                f"(cache levels: {list(cache_levels.values())}): extract the cache with the same levels"
+            )
