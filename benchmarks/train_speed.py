@@ -15,6 +15,8 @@ Rows per setting:
   ``train-from-cache`` does;
 - ``live``: decode the images, ``detector.detect`` (its own preprocessing, forward under
   inference mode), build the same batch, then the same step -- training without a cache;
+- ``preloaded``: the cache held in RAM (``mfdetr/cache/memory.py``, train-from-cache's default when it
+  fits) + the same step at the thread count train-from-cache then uses (no workers: every core);
 - ``loader only``: the DataLoader alone (2 workers), images/s, vs the step's images/s.
 
 The step trains on the default ``TrainConfig`` (up to 4 matched + 1 unmatched boxes per image); with a
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 from mfdetr.cache.batch import collate_records, records_from_detections
-from mfdetr.engine.train import TrainConfig, make_loader, train_select
+from mfdetr.engine.train import TrainConfig, compute_threads, make_loader, train_select
 from mfdetr.model.losses import compute_losses
 from mfdetr.model.mask_net import build_mask_net, count_parameters
 
@@ -134,7 +136,7 @@ def _median(ts: list[float]) -> float:
 
 
 def run_setting(name: str, spec: str, images: Path, ann: Path, n_images: int, batch: int, iters: int, workers: int,
-                work: Path, detector_topk: int) -> dict[str, Any]:
+                work: Path, detector_topk: int, sets: list[str] | None = None) -> dict[str, Any]:
     import json
 
     from mfdetr.cache.reader import CacheDataset
@@ -148,7 +150,9 @@ def run_setting(name: str, spec: str, images: Path, ann: Path, n_images: int, ba
                   batch_size=batch, workers=0, progress=False)
     t_extract = time.perf_counter() - t
     ds = CacheDataset(res.path)
-    cfg = TrainConfig()
+    from mfdetr.utils.config import apply_overrides, from_dict
+
+    cfg = from_dict(TrainConfig, apply_overrides({}, sets or []))
     step = Stepper(ds.levels, ds.query_dim, cfg)
     nb = max(1, len(ds) // batch)
     batches = [_force_matched(ds.collate([ds[i] for i in range(j * batch, (j + 1) * batch)])) for j in range(nb)]
@@ -178,6 +182,30 @@ def run_setting(name: str, spec: str, images: Path, ann: Path, n_images: int, ba
         step(_force_matched(b))
         t_cache.append(time.perf_counter() - t)
         done += 1
+
+    # preloaded (train-from-cache's default for caches that fit in RAM): memory + the step, with the
+    # threads train-from-cache then uses (no loader workers: every core)
+    from mfdetr.cache.memory import preload
+
+    mem = preload(ds, workers, progress=False)
+    mem_loader = make_loader(mem, batch, 0, shuffle=False, drop_last=True)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(compute_threads(TrainConfig(workers=0), torch.device("cpu")))
+    threads_mem = torch.get_num_threads()
+    t_mem = []
+    mit = iter(mem_loader)
+    step(_force_matched(next(mit)))  # warm-up at this thread count
+    while len(t_mem) < iters:
+        t = time.perf_counter()
+        try:
+            b = next(mit)
+        except StopIteration:
+            mit = iter(mem_loader)
+            b = next(mit)
+        step(_force_matched(b))
+        t_mem.append(time.perf_counter() - t)
+    torch.set_num_threads(threads_before)
+    del mem, mem_loader, mit
 
     # loader alone: images/s over a few passes
     t = time.perf_counter()
@@ -209,6 +237,7 @@ def run_setting(name: str, spec: str, images: Path, ann: Path, n_images: int, ba
         "name": name, "spec": spec, "levels": ds.levels, "query_dim": ds.query_dim, "images": len(ds),
         "batch": batch, "boxes_per_step": float(np.mean(n_boxes)), "params": count_parameters(step.net),
         "extract_s": t_extract, "step": _median(t_step), "cache": _median(t_cache), "live": _median(t_live),
+        "mem": _median(t_mem), "threads_mem": threads_mem,
         "detect": _median(t_det), "loader_ips": loader_ips, "step_ips": batch / _median(t_step),
         "input": tuple(int(v) for v in ds[0]["input_size"]),
     }
@@ -222,9 +251,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the cache rows")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = what train-from-cache picks)")
     ap.add_argument("--skip-b", action="store_true", help="only the shapes setting")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="TrainConfig override for both settings, e.g. --set model.fuse_stride=8 (repeatable)")
+    ap.add_argument("--set-b", dest="sets_b", action="append", default=[],
+                    help="TrainConfig override for the R50 / 640 px setting only")
     args = ap.parse_args()
-    from mfdetr.engine.train import compute_threads
-
     # the training's own policy: the cores left after the loader's workers (see compute_threads)
     torch.set_num_threads(args.threads or compute_threads(TrainConfig(workers=args.workers), torch.device("cpu")))
 
@@ -238,24 +269,28 @@ def main() -> None:
         spec_a = "shapes" if shapes_available() else _hf_folder(_rtdetr_small, 192, work / "det_a")
         label_a = "shipped shapes" if spec_a == "shapes" else "shapes arch. (random weights)"
         rows.append(run_setting("a", spec_a, work / "a/train/images", work / "a/train/annotations.json",
-                                args.images_a, 8, args.iters, args.workers, work, 50) | {"label": label_a})
+                                args.images_a, 8, args.iters, args.workers, work, 50, args.sets) | {"label": label_a})
         if not args.skip_b:
             make_synth(work / "b", train=args.images_b, val=0, size=640, seed=123, workers=1)
             spec_b = _hf_folder(_rtdetr_r50, 640, work / "det_b")
             rows.append(run_setting("b", spec_b, work / "b/train/images", work / "b/train/annotations.json",
-                                    args.images_b, 2, max(3, args.iters // 2), args.workers, work, 100)
+                                    args.images_b, 2, max(3, args.iters // 2), args.workers, work, 100,
+                                    args.sets + args.sets_b)
                         | {"label": "RT-DETR R50 (random weights)"})
 
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"default mask network ({rows[0]['params'] / 1e6:.2f}M params), default TrainConfig box sampling\n")
+          f"mask network {rows[0]['params'] / 1e6:.2f}M params, TrainConfig defaults"
+          f"{' + ' + ' '.join(args.sets) if args.sets else ''}{'; R50 also ' + ' '.join(args.sets_b) if args.sets_b else ''}\n")
     hdr = (f"| setting | input | batch | boxes/step | step in memory | from cache ({args.workers} workers) | live "
-           f"(detect) | live / cache | loader img/s | step img/s | loader / step |")
+           f"(detect) | live / cache | preloaded ({rows[0]['threads_mem']} threads) | live / preloaded | loader img/s "
+           f"| step img/s | loader / step |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in rows:
         print(f"| {r['label']} | {r['input'][0]}x{r['input'][1]} | {r['batch']} | {r['boxes_per_step']:.0f} | "
               f"{r['step'] * 1000:.0f} ms | {r['cache'] * 1000:.0f} ms | {r['live'] * 1000:.0f} ms "
-              f"({r['detect'] * 1000:.0f}) | {r['live'] / r['cache']:.1f}x | {r['loader_ips']:.0f} | "
+              f"({r['detect'] * 1000:.0f}) | {r['live'] / r['cache']:.1f}x | {r['mem'] * 1000:.0f} ms | "
+              f"{r['live'] / r['mem']:.1f}x | {r['loader_ips']:.0f} | "
               f"{r['step_ips']:.1f} | {r['loader_ips'] / r['step_ips']:.1f}x |")
     for r in rows:
         lv = ", ".join(f"{x.name}(s{x.stride},c{x.channels})" for x in r["levels"])
