@@ -131,6 +131,21 @@ class Stepper:
         return float(loss.detach())
 
 
+def _timed_steps(loader: Any, it: Any, step: Stepper, iters: int) -> list[float]:
+    """Seconds of ``iters`` (next batch from ``it``, restarting ``loader`` when exhausted) + step."""
+    times = []
+    while len(times) < iters:
+        t = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            it = iter(loader)
+            b = next(it)
+        step(_force_matched(b))
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def _median(ts: list[float]) -> float:
     return float(np.median(ts))
 
@@ -170,18 +185,7 @@ def run_setting(name: str, spec: str, images: Path, ann: Path, n_images: int, ba
     loader = make_loader(ds, batch, workers, shuffle=False, drop_last=True)
     it = iter(loader)
     next(it)  # worker start-up is not a per-iteration cost
-    t_cache = []
-    done = 0
-    while done < iters:
-        t = time.perf_counter()
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(loader)
-            b = next(it)
-        step(_force_matched(b))
-        t_cache.append(time.perf_counter() - t)
-        done += 1
+    t_cache = _timed_steps(loader, it, step, iters)
 
     # preloaded (train-from-cache's default for caches that fit in RAM): memory + the step, with the
     # threads train-from-cache then uses (no loader workers: every core)
@@ -192,18 +196,9 @@ def run_setting(name: str, spec: str, images: Path, ann: Path, n_images: int, ba
     threads_before = torch.get_num_threads()
     torch.set_num_threads(compute_threads(TrainConfig(workers=0), torch.device("cpu")))
     threads_mem = torch.get_num_threads()
-    t_mem = []
     mit = iter(mem_loader)
     step(_force_matched(next(mit)))  # warm-up at this thread count
-    while len(t_mem) < iters:
-        t = time.perf_counter()
-        try:
-            b = next(mit)
-        except StopIteration:
-            mit = iter(mem_loader)
-            b = next(mit)
-        step(_force_matched(b))
-        t_mem.append(time.perf_counter() - t)
+    t_mem = _timed_steps(mem_loader, mit, step, iters)
     torch.set_num_threads(threads_before)
     del mem, mem_loader, mit
 
