@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.` importable
 from tests.synth_batches import SyntheticCache  # noqa: E402
@@ -150,3 +151,26 @@ def test_overfits_one_fixed_batch(data, head):
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_pointwise_equals_a_1x1_conv_on_both_layouts():
+    """Both Pointwise paths (wide NCHW input: batched matmul in place; otherwise channels-last linear)
+    equal a float64 1x1 convolution, forward and weight/bias gradients."""
+    from mfdetr.model.image_encoder import Pointwise
+
+    torch.manual_seed(0)
+    for c_in, c_out, channels_last in ((48, 16, False), (48, 16, True), (16, 48, False)):
+        pw = Pointwise(c_in, c_out)
+        x = torch.randn(2, c_in, 7, 9)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = pw(x)
+        w64 = pw.weight.detach().double().requires_grad_()
+        b64 = pw.bias.detach().double().requires_grad_()
+        ref = F.conv2d(x.double(), w64[:, :, None, None], b64)
+        assert y.shape == ref.shape and torch.allclose(y.double(), ref, atol=1e-5)
+        g = torch.randn_like(ref)
+        (y.double() * g).sum().backward()
+        (ref * g).sum().backward()
+        assert torch.allclose(pw.weight.grad.double(), w64.grad, atol=1e-4)
+        assert torch.allclose(pw.bias.grad.double(), b64.grad, atol=1e-4)
