@@ -21,12 +21,7 @@ from mfdetr.model.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _naive_bce_dice(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:

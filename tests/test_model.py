@@ -18,12 +18,7 @@ from mfdetr.model.losses import compute_losses  # noqa: E402
 from mfdetr.model.mask_net import build_mask_net, count_parameters  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**kw) -> MaskNetConfig:

@@ -133,7 +133,6 @@ def train_from_cache(
     device = resolve_device(cfg.device, info.local_rank) if device0.type == "cuda" else device0
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(compute_threads(cfg, device, info))
     if cfg.amp == "fp16" and device.type != "cuda":
         raise MfdetrError("amp fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
     if cfg.batch_size < 1 or cfg.epochs < 0:
