@@ -53,7 +53,7 @@ def read_rate(path: Path, workers: int, epochs: int, batch_size: int = 8) -> tup
 
 def bench(name: str, det, images_dir: Path, ann: Path, work: Path, options, epochs: int, batch_size: int) -> list[str]:
     from mfdetr.cache.inspect import cache_info
-    from mfdetr.engine.extract import ExtractOptions, extract
+    from mfdetr.extract.loop import ExtractOptions, extract
 
     rep = ReplayDetector(det)
     rows = []

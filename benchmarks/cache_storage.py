@@ -86,7 +86,7 @@ def run_detector(name: str, det, images_dir: Path, ann: Path, work: Path, option
     from mfdetr.cache.inspect import cache_info, raw_float32_bytes
     from mfdetr.cache.reader import CacheDataset
     from mfdetr.data.coco import CocoDataset
-    from mfdetr.engine.extract import ExtractOptions, extract
+    from mfdetr.extract.loop import ExtractOptions, extract
 
     ds = CocoDataset(ann, images_dir)
     rep = ReplayDetector(det)

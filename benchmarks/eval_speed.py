@@ -3,7 +3,7 @@
 Rows, measured side by side in one run on the same synthetic inputs (box-frame probabilities
 ``[N, M, M]`` and boxes with detection-like, log-uniform sizes, some crossing the border):
 
-- ``ours, W workers``: :class:`mfdetr.engine.coco_results.ResultPool` jobs (each image: per-box
+- ``ours, W workers``: :class:`mfdetr.evaluate.coco_results.ResultPool` jobs (each image: per-box
   separable bilinear paste inside the box, threshold, strip RLE) in W processes -- what
   ``mfdetr evaluate`` runs on CPU;
 - ``ours, in process``: the same jobs in this process (one core);
@@ -11,7 +11,7 @@ Rows, measured side by side in one run on the same synthetic inputs (box-frame p
   grid, detectron2's full-image path), threshold, ``pycocotools.mask.encode`` of the dense masks;
 - ``naive interpolate``: every mask upsampled to the whole image with ``F.interpolate`` (the cost of
   full-resolution mask output, as RF-DETR's validation does), threshold, ``mask.encode``;
-- ``ours, chunked on <gpu>``: :func:`mfdetr.engine.paste.paste_masks_torch` + encode (only with CUDA).
+- ``ours, chunked on <gpu>``: :func:`mfdetr.evaluate.paste.paste_masks_torch` + encode (only with CUDA).
 
 The naive baselines use torch's intra-op threads (all cores). Then the COCOeval (segm + bbox) time of
 the resulting results. Run: ``python benchmarks/eval_speed.py [--images 40] [--workers 2]``.
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mfdetr.engine.coco_results import ResultPool, encode_crops, encode_full, image_results, run_cocoeval
-from mfdetr.engine.paste import paste_masks_torch
+from mfdetr.evaluate.coco_results import ResultPool, encode_crops, encode_full, image_results, run_cocoeval
+from mfdetr.evaluate.paste import paste_masks_torch
 
 
 def make_images(n: int, height: int, width: int, boxes_per_image: int, m: int, seed: int = 0) -> list[dict]:

@@ -142,7 +142,7 @@ def measure(det, images_dir: Path, ann: Path, out: Path, batch_size: int, worker
     """Interleaved rounds of (forward alone, extract); the machine is shared, so the min of each is
     the least disturbed measurement (medians are reported too)."""
     from mfdetr.data.coco import CocoDataset
-    from mfdetr.engine.extract import ExtractOptions, extract
+    from mfdetr.extract.loop import ExtractOptions, extract
 
     ds = CocoDataset(ann, images_dir)
     imgs = [ds[i].image for i in range(len(ds))]
@@ -214,7 +214,7 @@ def main() -> None:
                 writers=args.writers)
     rows.append(_row("shapes 192px", r))
     if args.r50 and not args.quick:
-        from mfdetr.engine.extract import ExtractOptions
+        from mfdetr.extract.loop import ExtractOptions
 
         det50, desc50 = r50_detector(cats, workdir=work)
         print(f"detector: {desc50}; levels {[lv.name for lv in det50.levels]}")
@@ -225,7 +225,7 @@ def main() -> None:
         rows.append(_row("R50 640px", r))
     if args.accel > 0 and not args.quick:
         from mfdetr.data.coco import CocoDataset
-        from mfdetr.engine.extract import ExtractOptions
+        from mfdetr.extract.loop import ExtractOptions
 
         det50, _ = r50_detector(cats, workdir=work)
         images_a, ann_a = synth_data(work / f"synth640_{args.accel_images}", args.accel_images, size=640, seed=13)

@@ -37,7 +37,7 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import roi_align as tv_roi_align
 
-from mfdetr.ops import _cpu, multilevel_roi_align
+from mfdetr.ops import multilevel_roi_align, parallel
 
 IMG_H, IMG_W = 800, 1088
 STRIDES = (8, 16, 32, 64)
@@ -156,12 +156,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.no_dynamic:
-        _cpu.DYNAMIC_THREADS = False
+        parallel.DYNAMIC_THREADS = False
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
         f"torch.get_num_threads()={torch.get_num_threads()}, sampling_ratio={args.sampling_ratio}"
     )
-    print(f"load average at start: {_load()}; ours would use {_cpu.n_workers(torch.device('cpu'))} thread(s) now")
+    print(f"load average at start: {_load()}; ours would use {parallel.n_workers(torch.device('cpu'))} thread(s) now")
     rows = []
     for key in args.sizes.split(","):
         reps = args.repeats or ((3 if key == "a" else 1) if args.quick else (7 if key == "a" else 3))
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
     print("speed-up = torchvision-sum median / method median. * MultiScaleRoIAlign pools every box from one")
     print("level only (a different, ~4x cheaper op), shown for reference.")
     print(f"load average at end: {_load()}; threads ours used per call: {sorted(_USED)} "
-          "(fewer than torch.get_num_threads() when the machine is busy, see mfdetr/ops/_cpu.py)")
+          "(fewer than torch.get_num_threads() when the machine is busy, see mfdetr/ops/parallel.py)")
 
 
 def _load() -> str:
@@ -197,7 +197,7 @@ def _load() -> str:
 
 
 _USED: set = set()
-_n_workers = _cpu.n_workers
+_n_workers = parallel.n_workers
 
 
 def _count_workers(device):
@@ -206,7 +206,7 @@ def _count_workers(device):
     return n
 
 
-_cpu.n_workers = _count_workers
+parallel.n_workers = _count_workers
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from mfdetr.cache.batch import collate_records, records_from_detections
-from mfdetr.engine.train import TrainConfig, compute_threads, make_loader, train_select
+from mfdetr.train.loop import TrainConfig, compute_threads, make_loader, train_select
 from mfdetr.model.losses import compute_losses
-from mfdetr.model.mask_net import build_mask_net, count_parameters
+from mfdetr.model import build_mask_net, count_parameters
 
 
 def _rtdetr_small(size: int):
@@ -156,7 +156,7 @@ def run_setting(name: str, spec: str, images: Path, ann: Path, n_images: int, ba
 
     from mfdetr.cache.reader import CacheDataset
     from mfdetr.detectors.registry import build_detector
-    from mfdetr.engine.extract import ExtractOptions, extract
+    from mfdetr.extract.loop import ExtractOptions, extract
 
     cats = json.loads(ann.read_text())["categories"]
     det = build_detector(spec, categories=cats, topk=detector_topk)

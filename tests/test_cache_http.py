@@ -13,10 +13,9 @@ import torch
 
 from mfdetr.cache.inspect import cache_info, verify
 from mfdetr.cache.reader import CacheDataset
-from mfdetr.engine.extract import ExtractOptions, extract
+from mfdetr.extract.loop import ExtractOptions, extract
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.` importable
-from tests.fake_detector import FakeDetector, make_small_synth, serve_http  # noqa: E402
+from tests.fake_detector import FakeDetector, make_small_synth, serve_http
 
 
 def test_read_over_http_equals_local(tmp_path):
@@ -67,8 +66,8 @@ def python_http_server(root: Path):
 def test_trains_and_evaluates_from_a_python_http_server_url(tmp_path, caplog):
     """A cache served read-only by ``python -m http.server`` (no Range support: whole shard files come
     back and are sliced locally) trains exactly as from the local path, and evaluates from its URL."""
-    from mfdetr.engine.evaluate import evaluate
-    from mfdetr.engine.train import train_from_cache
+    from mfdetr.evaluate.evaluation import evaluate
+    from mfdetr.train.loop import train_from_cache
     from tests.test_train import small_cfg
 
     images, ann = make_small_synth(tmp_path / "data", n=8, size=96, seed=7)

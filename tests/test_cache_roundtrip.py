@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,10 @@ import zarr
 from mfdetr.cache.inspect import cache_info, verify
 from mfdetr.cache.reader import CacheDataset, open_cache
 from mfdetr.data.coco import CocoDataset
-from mfdetr.engine.extract import ExtractOptions, MatchOptions, extract
+from mfdetr.extract.loop import ExtractOptions, MatchOptions, extract
 from mfdetr.errors import MfdetrError
-from mfdetr.model.matching import compute_targets, unpack_masks
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.` importable
-from tests.fake_detector import FakeDetector, make_small_synth  # noqa: E402
+from mfdetr.extract.matching import compute_targets, unpack_masks
+from tests.fake_detector import FakeDetector, make_small_synth
 
 TOPK = 12
 

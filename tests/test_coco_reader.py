@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-sys.path.insert(0, str(Path(__file__).parent))
-from coco_fixture import (  # noqa: E402
+from tests.coco_fixture import (
     BAD_IMAGE_IDS,
     BAD_KINDS,
     DEGENERATE_ANN,
@@ -23,8 +21,8 @@ from coco_fixture import (  # noqa: E402
     make_quirky_coco,
 )
 
-from mfdetr.data.coco import CocoDataset, load_image  # noqa: E402
-from mfdetr.errors import MfdetrError  # noqa: E402
+from mfdetr.data.coco import CocoDataset, load_image
+from mfdetr.errors import MfdetrError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

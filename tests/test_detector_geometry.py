@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mfdetr.detectors.registry import build_detector  # noqa: E402
+from mfdetr.detectors.registry import build_detector
 
 H0, W0 = 120, 200
 BOX = (120, 40, 160, 70)  # x1, y1, x2, y2 in original pixels: a bright block

@@ -15,9 +15,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mfdetr.detectors.base import DetectorOutput, FrozenDetector, LevelSpec  # noqa: E402
-from mfdetr.detectors.registry import build_detector  # noqa: E402
-from mfdetr.errors import MfdetrError  # noqa: E402
+from mfdetr.detectors.base import DetectorOutput, FrozenDetector, LevelSpec
+from mfdetr.detectors.registry import build_detector
+from mfdetr.errors import MfdetrError
 
 ID2LABEL = {0: "disc", 1: "Square", 2: "big triangle"}
 CATEGORIES = [{"id": 11, "name": "disc"}, {"id": 12, "name": "square"}, {"id": 13, "name": "Big_Triangle"},

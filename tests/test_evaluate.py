@@ -20,8 +20,8 @@ from torch import nn
 
 from mfdetr.cache.batch import collate_records
 from mfdetr.detectors.base import LevelSpec
-from mfdetr.engine.coco_results import load_coco, run_cocoeval
-from mfdetr.engine.evaluate import check_compatible, evaluate_batches
+from mfdetr.evaluate.coco_results import load_coco, run_cocoeval
+from mfdetr.evaluate.evaluation import check_compatible, evaluate_batches
 from mfdetr.errors import MfdetrError
 
 LEVELS = [LevelSpec("p8", 8, 4)]

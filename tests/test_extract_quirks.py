@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,12 @@ import torch
 from mfdetr.cache.inspect import cache_info, verify
 from mfdetr.cache.reader import CacheDataset
 from mfdetr.data.coco import CocoDataset
-from mfdetr.engine.extract import ExtractOptions, extract
+from mfdetr.extract.loop import ExtractOptions, extract
 from mfdetr.errors import MfdetrError
-from mfdetr.model.matching import compute_targets, unpack_masks
+from mfdetr.extract.matching import compute_targets, unpack_masks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from coco_fixture import make_bad_coco, make_quirky_coco  # noqa: E402
-from tests.fake_detector import FakeDetector  # noqa: E402
+from tests.coco_fixture import make_bad_coco, make_quirky_coco
+from tests.fake_detector import FakeDetector
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -14,9 +14,8 @@ import pytest
 import zarr
 
 from mfdetr.cache.reader import CacheDataset
-from mfdetr.engine.extract import ExtractOptions, extract
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.` importable
-from tests.fake_detector import REPO_ROOT, SPEC, make_small_synth, subprocess_env, tree_bytes  # noqa: E402
+from mfdetr.extract.loop import ExtractOptions, extract
+from tests.fake_detector import REPO_ROOT, SPEC, make_small_synth, subprocess_env, tree_bytes
 
 N, BLOCK, TOPK, BATCH = 16, 2, 10, 2
 

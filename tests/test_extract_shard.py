@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mfdetr.engine.extract import ExtractOptions, extract, parse_shard
+from mfdetr.extract.loop import ExtractOptions, extract, parse_shard
 from mfdetr.errors import MfdetrError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.` importable
-from tests.fake_detector import REPO_ROOT, SPEC, make_small_synth, subprocess_env, tree_bytes  # noqa: E402
+from tests.fake_detector import REPO_ROOT, SPEC, make_small_synth, subprocess_env, tree_bytes
 
 N, BLOCK, TOPK = 12, 2, 10
 
@@ -97,7 +96,7 @@ def test_concurrent_creation_never_fails_or_loses_metadata(setup, tmp_path):
     from mfdetr.cache.schema import ATTR_KEY, array_specs
     from mfdetr.cache.writer import create_or_open
     from mfdetr.data.coco import CocoDataset
-    from mfdetr.engine.extract import build_meta
+    from mfdetr.extract.loop import build_meta
     from tests.fake_detector import FakeDetector
 
     root, images, ann, ref = setup

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mfdetr.model.matching import (
+from mfdetr.extract.matching import (
     box_iou,
     compute_targets,
     crop_mask_targets,

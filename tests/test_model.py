@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.` importable
-from tests.synth_batches import SyntheticCache  # noqa: E402
+from tests.synth_batches import SyntheticCache
 
-from mfdetr.errors import MfdetrError  # noqa: E402
-from mfdetr.model.config import LossConfig, MaskNetConfig  # noqa: E402
-from mfdetr.model.losses import compute_losses  # noqa: E402
-from mfdetr.model.mask_net import build_mask_net, count_parameters  # noqa: E402
+from mfdetr.errors import MfdetrError
+from mfdetr.model.config import LossConfig, MaskNetConfig
+from mfdetr.model.losses import compute_losses
+from mfdetr.model import build_mask_net, count_parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

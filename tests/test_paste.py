@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_util
 
-from mfdetr.engine.coco_results import encode_crops, encode_full
-from mfdetr.engine.paste import Crop, box_extent, crops_to_full, paste_box_np, paste_crops_np, paste_masks_torch
+from mfdetr.evaluate.coco_results import encode_crops, encode_full
+from mfdetr.evaluate.paste import Crop, box_extent, crops_to_full, paste_box_np, paste_crops_np, paste_masks_torch
 
 
 def naive_paste_f64(prob: np.ndarray, box, height: int, width: int) -> np.ndarray:

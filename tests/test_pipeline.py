@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mfdetr.engine.budget import dry_run, format_budget
-from mfdetr.engine.pipeline import run_pipeline
-from mfdetr.engine.pipeline_config import load_pipeline
+from mfdetr.pipeline.budget import dry_run, format_budget
+from mfdetr.pipeline.stages import run_pipeline
+from mfdetr.pipeline.config import load_pipeline
 from mfdetr.errors import MfdetrError
 
 TINY = """

@@ -8,16 +8,14 @@ where the masks are confident). Also the CLIs and the checkpoint/cache mismatch 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from pycocotools import mask as mask_util
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.` importable
-from tests.fake_detector import SPEC  # noqa: E402
+from tests.fake_detector import SPEC
 
-from mfdetr.errors import MfdetrError  # noqa: E402
+from mfdetr.errors import MfdetrError
 
 TOPK = 12
 
@@ -27,8 +25,8 @@ def trained(tmp_path_factory):
     """Tiny synth train/val splits, float32 caches, one short training run."""
     from mfdetr.cache.schema import ExtractOptions
     from mfdetr.data.synth import make_synth
-    from mfdetr.engine.extract import extract
-    from mfdetr.engine.train import TrainConfig, train_from_cache
+    from mfdetr.extract.loop import extract
+    from mfdetr.train.loop import TrainConfig, train_from_cache
     from mfdetr.model.config import MaskNetConfig
 
     root = tmp_path_factory.mktemp("e2e")
@@ -64,8 +62,8 @@ def _iou(a, b):
 
 def test_predict_equals_evaluate(trained, tmp_path):
     from mfdetr.data.coco import CocoDataset
-    from mfdetr.engine.evaluate import evaluate
-    from mfdetr.engine.predict import predict
+    from mfdetr.evaluate.evaluation import evaluate
+    from mfdetr.evaluate.prediction import predict
 
     val = trained["info"]["val"]
     summary = evaluate(trained["caches"]["val"], trained["ckpt"], out=tmp_path / "eval", topk=TOPK, workers=0,
@@ -132,8 +130,8 @@ def _tampered(ckpt: Path, tmp_path: Path, **detector) -> Path:
 
 
 def test_checkpoint_from_another_detector(trained, tmp_path):
-    from mfdetr.engine.evaluate import evaluate
-    from mfdetr.engine.predict import predict
+    from mfdetr.evaluate.evaluation import evaluate
+    from mfdetr.evaluate.prediction import predict
 
     bad = _tampered(trained["ckpt"], tmp_path, fingerprint="0" * 64)
     with pytest.raises(MfdetrError, match="fingerprint"):
@@ -146,7 +144,7 @@ def test_checkpoint_from_another_detector(trained, tmp_path):
 
 
 def test_predict_bad_inputs(trained, tmp_path):
-    from mfdetr.engine.predict import predict
+    from mfdetr.evaluate.prediction import predict
 
     with pytest.raises(MfdetrError, match="does not exist"):
         predict(None, trained["ckpt"], [tmp_path / "nope.png"], tmp_path / "p", progress=False)

@@ -187,7 +187,7 @@ def test_bad_arguments():
 
 def test_feature_layouts_and_split(monkeypatch):
     """Channels-last and cropped (non-contiguous) maps; the int32-overflow split path."""
-    import mfdetr.ops._taps as taps
+    import mfdetr.ops.taps as taps
 
     base = _features(seed=5)
     rois = _rois([_random_boxes(5, 12), _edge_boxes(), _random_boxes(4, 13)])
@@ -207,10 +207,10 @@ def test_feature_layouts_and_split(monkeypatch):
 @pytest.mark.parametrize("per_level", [False, True])
 def test_thread_pool_path(monkeypatch, per_level):
     """The CPU path split over 2 worker threads (forced: no load-based reduction) gives the same."""
-    from mfdetr.ops import _cpu
+    from mfdetr.ops import parallel
 
-    monkeypatch.setattr(_cpu, "DYNAMIC_THREADS", False)
-    monkeypatch.setattr(_cpu, "CHUNK_BYTES", 4096)  # many chunks even on tiny inputs
+    monkeypatch.setattr(parallel, "DYNAMIC_THREADS", False)
+    monkeypatch.setattr(parallel, "CHUNK_BYTES", 4096)  # many chunks even on tiny inputs
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

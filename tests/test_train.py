@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.` importable
-from tests.synth_batches import LEVELS, SyntheticCache  # noqa: E402
+from tests.synth_batches import LEVELS, SyntheticCache
 
-from mfdetr.detectors.base import LevelSpec  # noqa: E402
-from mfdetr.engine.schedule import lr_factor  # noqa: E402
-from mfdetr.engine.train import TrainConfig, train_from_cache, train_select, val_select  # noqa: E402
-from mfdetr.errors import MfdetrError  # noqa: E402
-from mfdetr.model.checkpoint import load_mask_net, read_checkpoint  # noqa: E402
-from mfdetr.model.config import LossConfig, MaskNetConfig  # noqa: E402
+from mfdetr.detectors.base import LevelSpec
+from mfdetr.train.schedule import lr_factor
+from mfdetr.train.loop import TrainConfig, train_from_cache, train_select, val_select
+from mfdetr.errors import MfdetrError
+from mfdetr.model.checkpoint import load_mask_net, read_checkpoint
+from mfdetr.model.config import LossConfig, MaskNetConfig
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -34,7 +33,7 @@ def small_cfg(**kw) -> TrainConfig:
 # --------------------------------------------------------------------------- a real tiny cache
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    from mfdetr.engine.extract import ExtractOptions, extract
+    from mfdetr.extract.loop import ExtractOptions, extract
     from tests.fake_detector import SPEC, make_small_synth
 
     root = tmp_path_factory.mktemp("tiny_train_cache")

@@ -28,7 +28,7 @@ def _rank_main(out: str) -> None:
 
     sys.path.insert(0, str(REPO))
     from tests.synth_batches import SyntheticCache
-    from mfdetr.engine.train import TrainConfig, train_from_cache
+    from mfdetr.train.loop import TrainConfig, train_from_cache
     from mfdetr.model.config import LossConfig, MaskNetConfig
 
     cfg = TrainConfig(

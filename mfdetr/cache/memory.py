@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mfdetr.cache.loader import make_loader
+
 _COMPACT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -93,8 +95,6 @@ class InMemoryDataset(Dataset):
 def preload(ds: Any, workers: int = 2, progress: bool = True, desc: str = "preload") -> InMemoryDataset:
     """Decode every record of ``ds`` once (``workers`` processes) and return them as an
     ``InMemoryDataset``, in dataset order."""
-    from mfdetr.engine.train_data import make_loader  # the same worker set-up as training
-
     dtype = compact_dtype(ds)
     loader: DataLoader = make_loader(ds, batch_size=16, workers=workers, collate_fn=_as_list, persistent=False)
     bar = None

@@ -64,7 +64,7 @@ def quiet_zarr() -> Iterator[None]:
 
 @dataclass
 class MatchOptions:
-    """How predicted boxes are assigned to ground truth (see ``mfdetr.model.matching``).
+    """How predicted boxes are assigned to ground truth (see ``mfdetr.extract.matching``).
 
     rule: "iou" (default): each kept box takes the non-crowd GT of highest box IoU when that IoU is
         >= iou_threshold (one-to-many, as Mask R-CNN assigns mask targets);

@@ -38,7 +38,7 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate a checkpoint on a cache: masks for the top boxes of each image pasted into the original
     image, COCO results JSON, COCOeval (mask and box AP table), summary.json and optional overlays."""
-    from mfdetr.engine.evaluate import evaluate
+    from mfdetr.evaluate.evaluation import evaluate
 
     evaluate(
         cache,

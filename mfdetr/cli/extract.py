@@ -55,7 +55,7 @@ def extract_cmd(
     Resumes by default: blocks already done are skipped. Under `torchrun --nproc-per-node N -m mfdetr
     extract ...` each rank writes its own blocks.
     """
-    from mfdetr.engine.extract import ExtractOptions, MatchOptions, extract, parse_shard
+    from mfdetr.extract.loop import ExtractOptions, MatchOptions, extract, parse_shard
 
     opts = ExtractOptions(
         topk=topk,

@@ -34,7 +34,7 @@ def predict_cmd(
 ) -> None:
     """Segment new images with a frozen detector and a trained mask network (the live path of the
     modules `evaluate` uses), writing COCO-style predictions and overlay PNGs."""
-    from mfdetr.engine.predict import predict
+    from mfdetr.evaluate.prediction import predict
 
     predict(
         detector,

@@ -23,12 +23,12 @@ def run_cmd(
     """Run a pipeline: make synthetic data if asked, extract train/val caches (re-used by
     fingerprint under cache_root), train the mask network from the cache, evaluate COCO mask and
     box AP, print one summary table. Finished stages are skipped on a re-run."""
-    from mfdetr.engine.pipeline import run_pipeline
-    from mfdetr.engine.pipeline_config import load_pipeline
+    from mfdetr.pipeline.stages import run_pipeline
+    from mfdetr.pipeline.config import load_pipeline
 
     cfg = load_pipeline(pipeline, set_)
     if dry_run:
-        from mfdetr.engine.budget import dry_run as do_dry_run, format_budget
+        from mfdetr.pipeline.budget import dry_run as do_dry_run, format_budget
 
         typer.echo(format_budget(do_dry_run(cfg)))
         return

@@ -12,7 +12,7 @@ from mfdetr.cli.app import app
 
 def build_train_config(config: Optional[Path], sets: list[str], explicit: dict[str, Any]) -> Any:
     """TrainConfig = defaults <- TOML file (top level, or its ``[train]`` table) <- ``--set`` <- options."""
-    from mfdetr.engine.train_config import TrainConfig
+    from mfdetr.train.config import TrainConfig
     from mfdetr.utils.config import apply_overrides, from_dict, load_toml
 
     data: dict[str, Any] = {}
@@ -65,7 +65,7 @@ def train_cmd(
     Under `torchrun --nproc-per-node N -m mfdetr train-from-cache ...` it runs DistributedDataParallel
     (gloo on CPU, NCCL on GPU); rank 0 validates, logs and writes checkpoints.
     """
-    from mfdetr.engine.train import train_from_cache
+    from mfdetr.train.loop import train_from_cache
     from mfdetr.errors import MfdetrError
 
     if preload is not None and preload not in ("auto", "on", "off"):

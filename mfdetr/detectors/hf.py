@@ -35,16 +35,16 @@ from torch import Tensor
 
 from mfdetr.detectors.base import DetectorOutput, LevelSpec
 from mfdetr.detectors.hf_features import (
-    _backbone_module,
-    _first_tensor,
-    _stage_modules,
-    _stride_of,
+    backbone_module,
+    first_tensor,
+    stage_modules,
+    stride_of,
     encoder_maps,
     probe_size,
 )
 from mfdetr.detectors.hf_labels import normalize_label_name, resolve_label_map  # noqa: F401  (re-export)
 from mfdetr.detectors.hf_load import SUPPORTED, folder_fingerprint_parts, load_hf_folder, supported_classes
-from mfdetr.detectors.hf_processing import _valid_size, analytic_input_size, select_topk
+from mfdetr.detectors.hf_processing import valid_size, analytic_input_size, select_topk
 from mfdetr.errors import MfdetrError
 from mfdetr.utils.hashing import sha256_json
 
@@ -96,8 +96,8 @@ class HFDetector:
         self._captured: dict[str, Any] = {}
         self._wanted_stages: set[int] | None = None  # None: capture every stage (the probe)
         self._hooks = []
-        bb = _backbone_module(model)
-        self._stage_mods = _stage_modules(bb) if bb is not None else []
+        bb = backbone_module(model)
+        self._stage_mods = stage_modules(bb) if bb is not None else []
         for i, m in enumerate(self._stage_mods):
             self._hooks.append(m.register_forward_hook(self._make_stage_hook(i)))
         inner = model.model
@@ -138,7 +138,7 @@ class HFDetector:
         def hook(_module, _inputs, output):
             if self._wanted_stages is not None and i not in self._wanted_stages:
                 return
-            t = _first_tensor(output)
+            t = first_tensor(output)
             if t is not None and t.dim() == 4:
                 self._captured.setdefault("stages", {})[i] = t
 
@@ -168,12 +168,12 @@ class HFDetector:
         levels: dict[str, LevelSpec] = {}
         stage_for_b: dict[str, int] = {}
         for i, t in sorted(self._captured.get("stages", {}).items()):
-            s = _stride_of(ph, t.shape[-2])
+            s = stride_of(ph, t.shape[-2])
             stage_for_b[f"b{s}"] = i  # deepest module of each stride wins
             levels[f"b{s}"] = LevelSpec(f"b{s}", s, int(t.shape[1]))
         enc_levels = {}
         for t in enc:
-            s = _stride_of(ph, t.shape[-2])
+            s = stride_of(ph, t.shape[-2])
             if f"e{s}" in enc_levels:
                 raise RuntimeError(f"two encoder levels of stride {s}")
             enc_levels[f"e{s}"] = LevelSpec(f"e{s}", s, int(t.shape[1]))
@@ -207,7 +207,7 @@ class HFDetector:
     def _measured_size(self, orig: tuple[int, int]) -> tuple[int, int]:
         with torch.inference_mode():
             enc = self.processor(images=[torch.zeros((3, *orig), dtype=torch.uint8)], return_tensors="pt")
-        return _valid_size(enc)[0]
+        return valid_size(enc)[0]
 
     def input_size(self, orig_size: tuple[int, int]) -> tuple[int, int]:
         orig = (int(orig_size[0]), int(orig_size[1]))
@@ -248,7 +248,7 @@ class HFDetector:
         """Processor + forward; returns (outputs, valid input sizes, padded size, captured)."""
         enc = self.processor(images=[im.cpu() for im in images], return_tensors="pt")
         pv = enc["pixel_values"]
-        sizes = _valid_size(enc)
+        sizes = valid_size(enc)
         mask = enc.get("pixel_mask")
         hp, wp = pv.shape[-2:]
         m = self.multiple

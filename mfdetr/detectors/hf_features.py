@@ -8,12 +8,12 @@ import math
 import torch
 from torch import Tensor
 
-from mfdetr.detectors.hf_processing import _size_get
+from mfdetr.detectors.hf_processing import size_get
 
 _PROBE = 256  # probe input side used to measure level strides when the model takes any size
 
 
-def _backbone_module(model) -> torch.nn.Module | None:
+def backbone_module(model) -> torch.nn.Module | None:
     from transformers.backbone_utils import BackboneMixin
 
     for m in model.modules():
@@ -22,7 +22,7 @@ def _backbone_module(model) -> torch.nn.Module | None:
     return None
 
 
-def _stage_modules(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+def stage_modules(backbone: torch.nn.Module) -> list[torch.nn.Module]:
     """Embedder + stages of an HF backbone (ResNet, RT-DETR ResNet, HGNetV2, ...), shallow to deep."""
     mods = []
     for name in ("embedder", "embeddings", "stem"):
@@ -36,7 +36,7 @@ def _stage_modules(backbone: torch.nn.Module) -> list[torch.nn.Module]:
     return mods
 
 
-def _first_tensor(x) -> Tensor | None:
+def first_tensor(x) -> Tensor | None:
     if isinstance(x, Tensor):
         return x
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
@@ -46,7 +46,7 @@ def _first_tensor(x) -> Tensor | None:
     return None
 
 
-def _stride_of(size: int, n: int) -> int:
+def stride_of(size: int, n: int) -> int:
     s = 2 ** round(math.log2(size / n))
     if math.ceil(size / s) != n:
         raise RuntimeError(f"cannot infer the stride of a {n}-cell level from a {size}-px input")
@@ -60,8 +60,8 @@ def probe_size(config, processor) -> tuple[int, int]:
     if anchor:
         return (int(anchor[0]), int(anchor[1])) if isinstance(anchor, (list, tuple)) else (int(anchor),) * 2
     size = getattr(processor, "size", None)
-    h = _size_get(size, "height")
-    w = _size_get(size, "width")
+    h = size_get(size, "height")
+    w = size_get(size, "width")
     if h and w and h % 32 == 0 and w % 32 == 0:
         return int(h), int(w)
     return _PROBE, _PROBE

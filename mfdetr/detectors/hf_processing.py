@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 
-def _size_get(size, key: str):
+def size_get(size, key: str):
     if size is None:
         return None
     if isinstance(size, dict):
@@ -16,7 +16,7 @@ def _size_get(size, key: str):
     return getattr(size, key, None)
 
 
-def _valid_size(enc) -> list[tuple[int, int]]:
+def valid_size(enc) -> list[tuple[int, int]]:
     """(h_in, w_in) of each image of a processor batch: the pixel_mask's valid extent, else the tensor size."""
     pv = enc["pixel_values"]
     mask = enc.get("pixel_mask")
@@ -40,9 +40,9 @@ def analytic_input_size(processor, orig: tuple[int, int]) -> tuple[int, int] | N
     if not getattr(p, "do_resize", True):
         return tuple(orig)
     size = getattr(p, "size", None)
-    se, le = _size_get(size, "shortest_edge"), _size_get(size, "longest_edge")
-    mh, mw = _size_get(size, "max_height"), _size_get(size, "max_width")
-    h, w = _size_get(size, "height"), _size_get(size, "width")
+    se, le = size_get(size, "shortest_edge"), size_get(size, "longest_edge")
+    mh, mw = size_get(size, "max_height"), size_get(size, "max_width")
+    h, w = size_get(size, "height"), size_get(size, "width")
     if se and le:
         return tuple(int(v) for v in get_size_with_aspect_ratio(tuple(orig), se, le))
     if mh and mw:

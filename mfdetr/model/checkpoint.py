@@ -78,7 +78,7 @@ def load_mask_net(path: str | Path, map_location: Any = "cpu") -> tuple[torch.nn
     The meta dict holds ``model_config``, ``train_config``, ``levels``, ``query_dim``, ``detector``
     (spec, fingerprint, levels of the cache), ``cache``, ``dataset``, ``epoch``, ``step``, ``metrics``.
     """
-    from mfdetr.model.mask_net import build_mask_net
+    from mfdetr.model import build_mask_net
 
     ckpt = read_checkpoint(path, map_location=map_location)
     cfg = from_dict(MaskNetConfig, ckpt["model_config"])

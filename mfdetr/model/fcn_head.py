@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from mfdetr.detectors.base import LevelSpec
 from mfdetr.model.config import MaskNetConfig
-from mfdetr.model.mask_net import MaskIoUHead, MaskNetBase, finish_output, run_in_chunks
+from mfdetr.model.head_base import MaskNetBase, finish_output, run_in_chunks
+from mfdetr.model.iou_head import MaskIoUHead
 
 
 class FCNMaskNet(MaskNetBase):

@@ -11,14 +11,14 @@ Design (pure torch; the same code runs on any device, the CPU path adds chunking
 
 1. The levels are copied once into one channels-last buffer ``[sum_l B*H_l*W_l, C]`` (float32 for
    bf16/fp16 inputs: all accumulation is in float32).
-2. Tap lists (``_taps.py``): per bin, the buffer rows and weights of all its bilinear samples over all
+2. Tap lists (``taps.py``): per bin, the buffer rows and weights of all its bilinear samples over all
    levels, the samples of a row/column merged (separable weights), as one bag of an
    ``F.embedding_bag(mode="sum", per_sample_weights=...)``: one vectorised gather writes the level sum
    directly, with no per-level outputs.
 3. Backward: the transposed gather. The taps are sorted by buffer row once; then one bag per buffer
    row, gathered from the output gradient, gives the features' gradient (no atomics, no scatter of
    ``[taps, C]`` rows), written straight into each level's gradient in its own memory format.
-4. CPU (``_cpu.py``): the many small ops run single-threaded; the large steps (level copy, tap
+4. CPU (``parallel.py``): the many small ops run single-threaded; the large steps (level copy, tap
    building, transposed sort and gathers) are split into independent chunks run by up to
    ``torch.get_num_threads()`` threads (fewer when the machine is busy), each running single-threaded
    ATen ops: one join per step instead of an OpenMP fork/join per op, which costs a scheduler time
@@ -40,10 +40,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mfdetr.ops import _cpu, _taps
-from mfdetr.ops._autograd import _build, _FlattenLevels, _FusedRoIAlign, _WeightedGather
-from mfdetr.ops._cpu import release_workspace
-from mfdetr.ops._taps import LevelShape
+from mfdetr.ops import parallel, taps
+from mfdetr.ops.autograd import build, FlattenLevels, FusedRoIAlign, WeightedGather
+from mfdetr.ops.parallel import release_workspace
+from mfdetr.ops.taps import LevelShape
 
 __all__ = [
     "flatten_levels",
@@ -152,7 +152,7 @@ def _split_rois(fn: Callable[[Tensor], Tensor], rois: Tensor) -> Tensor:
     """fn(rois), in halves of the rois if their taps overflow int32 (billions of taps: rare)."""
     try:
         return fn(rois)
-    except _taps.TooManyTaps:
+    except taps.TooManyTaps:
         R = rois.shape[0]
         if R < 2:
             raise ValueError("one roi needs more than 2**31 taps (a huge box with adaptive sampling?)") from None
@@ -168,7 +168,7 @@ def flatten_levels(features: Sequence[Tensor], dtype: torch.dtype | None = None)
     """
     dtype = dtype or _compute_dtype(features[0].dtype)
     shapes = [(int(f.shape[0]), int(f.shape[2]), int(f.shape[3])) for f in features]
-    return _FlattenLevels.apply(dtype, *features), shapes
+    return FlattenLevels.apply(dtype, *features), shapes
 
 
 def multilevel_roi_align_flat(
@@ -199,13 +199,13 @@ def multilevel_roi_align_flat(
     out_hw = _pair(output_size)
     ct = buffer.dtype
     r_all = _as_rois(rois, ct, buffer.device)
-    workers = _cpu.n_workers(buffer.device)
+    workers = parallel.n_workers(buffer.device)
 
     def run(r: Tensor) -> Tensor:
         plan = dict(rois=r, scales=list(spatial_scales), out_hw=out_hw, sampling_ratio=int(sampling_ratio),
                     aligned=bool(aligned), per_level=per_level, ct=ct)
-        idx, w, offsets = _build(plan, shapes, workers)
-        rows = _WeightedGather.apply(buffer, idx, w, offsets)
+        idx, w, offsets = build(plan, shapes, workers)
+        rows = WeightedGather.apply(buffer, idx, w, offsets)
         return _shape_rows(rows, r.shape[0], len(shapes), out_hw, per_level)
 
     return _split_rois(run, r_all)
@@ -240,7 +240,7 @@ def multilevel_roi_align(
     def run(r: Tensor) -> Tensor:
         plan = dict(rois=r, scales=list(spatial_scales), out_hw=out_hw, sampling_ratio=int(sampling_ratio),
                     aligned=bool(aligned), per_level=per_level, ct=ct)
-        rows = _FusedRoIAlign.apply(plan, *features)
+        rows = FusedRoIAlign.apply(plan, *features)
         return _shape_rows(rows, r.shape[0], L, out_hw, per_level)
 
     out = _split_rois(run, r_all)

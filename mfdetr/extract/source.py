@@ -1,5 +1,5 @@
-"""The DataLoader side of ``extract``: batches of decoded images and GT masks (``_BatchSource``), bad images
-reported as reasons (``_FATAL`` marks an error to raise in the main process)."""
+"""The DataLoader side of ``extract``: batches of decoded images and GT masks (``BatchSource``), bad images
+reported as reasons (``FATAL`` marks an error to raise in the main process)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import torch
 from mfdetr.errors import MfdetrError
 
 
-_FATAL = "\0fatal:"
+FATAL = "\0fatal:"
 
 
-def _identity(x: Any) -> Any:
+def identity(x: Any) -> Any:
     return x
 
 
-class _BatchSource(torch.utils.data.Dataset):
+class BatchSource(torch.utils.data.Dataset):
     """Index j -> the j-th batch: list of (position, image_id, payload | None, bad reason | None).
 
     payload = {"image": [3,H,W] uint8, "gt": {...}} computed in the DataLoader worker.
@@ -37,7 +37,7 @@ class _BatchSource(torch.utils.data.Dataset):
             s = self.dataset[pos]
         except MfdetrError as e:
             # raised in the main process (a DataLoader worker would wrap it in a traceback dump)
-            return pos, image_id, None, (str(e) if self.skip_bad else _FATAL + str(e))
+            return pos, image_id, None, (str(e) if self.skip_bad else FATAL + str(e))
         if s is None:  # CocoDataset(skip_bad=True) recorded why
             bad = getattr(self.dataset, "bad", None) or []
             reason = next((str(r) for iid, r in reversed(bad) if int(iid) == image_id), "bad image")

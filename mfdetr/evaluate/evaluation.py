@@ -3,17 +3,17 @@
 Flow per batch of cache records: mask network (no detector, no image) -> per image, the top-``topk``
 boxes by final score (detection score x predicted mask IoU with mask scoring) -> probabilities
 ``sigmoid(logits)`` -> paste into the original image only inside each box (per box in worker
-processes on CPU; chunked on the device on GPU, see :mod:`mfdetr.engine.paste`) -> threshold -> RLE
-(:mod:`mfdetr.engine.coco_results`). Worker processes take one image each, so no more than a few
+processes on CPU; chunked on the device on GPU, see :mod:`mfdetr.evaluate.paste`) -> threshold -> RLE
+(:mod:`mfdetr.evaluate.coco_results`). Worker processes take one image each, so no more than a few
 images' masks ever exist at once. Then COCOeval (segm and bbox), the AP table, ``summary.json`` and
 optional overlay PNGs.
 
 Box results (``results_bbox.json``) are the frozen detector's own: the top-``topk`` valid boxes by
 detection score, so the box AP is the detector's box AP on the cached boxes.
 
-The mask-network step (``image_jobs``, ``box_results``) lives in :mod:`mfdetr.engine.eval_jobs`, the
+The mask-network step (``image_jobs``, ``box_results``) lives in :mod:`mfdetr.evaluate.jobs`, the
 checkpoint metadata and compatibility check (``meta_detector``, ``meta_categories``,
-``check_compatible``, ``level_dicts``) in :mod:`mfdetr.engine.eval_meta`; both are re-exported here.
+``check_compatible``, ``level_dicts``) in :mod:`mfdetr.evaluate.meta`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from mfdetr.engine.coco_results import (
+from mfdetr.evaluate.coco_results import (
     ResultPool,
     format_table,
     load_coco,
     run_cocoeval,
 )
-from mfdetr.engine.eval_jobs import box_results, image_jobs
-from mfdetr.engine.eval_meta import _get, check_compatible, level_dicts, meta_categories, meta_detector  # noqa: F401
+from mfdetr.evaluate.jobs import box_results, image_jobs
+from mfdetr.evaluate.meta import get, check_compatible, level_dicts, meta_categories, meta_detector  # noqa: F401
 from mfdetr.errors import MfdetrError
 
 
@@ -258,7 +258,7 @@ def evaluate_batches(
 
     vis_files = []
     if vis_ids:
-        from mfdetr.engine.visualize import save_overlay
+        from mfdetr.evaluate.overlays import save_overlay
 
         by_img: dict[int, list[dict[str, Any]]] = {i: [] for i in vis_ids}
         for r in seg_results:

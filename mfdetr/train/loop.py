@@ -22,10 +22,10 @@ exactly as the uninterrupted run (same loss sequence, same final weights; on CPU
 DDP: launched by ``torchrun`` (``WORLD_SIZE > 1``): gloo on CPU, NCCL on GPU, the same sampler
 sharded by rank; rank 0 validates, logs and writes checkpoints.
 
-The pieces, re-exported here: ``TrainConfig`` (:mod:`mfdetr.engine.train_config`), opening and
-checking caches, the DataLoader and preloading (:mod:`mfdetr.engine.train_data`), device, autocast
-and threads (:mod:`mfdetr.engine.train_runtime`), the boxes of a step (:mod:`mfdetr.engine.box_select`)
-and validation (:mod:`mfdetr.engine.validate`).
+The pieces, re-exported here: ``TrainConfig`` (:mod:`mfdetr.train.config`), opening and
+checking caches, the DataLoader and preloading (:mod:`mfdetr.train.data`), device, autocast
+and threads (:mod:`mfdetr.train.runtime`), the boxes of a step (:mod:`mfdetr.train.selection`)
+and validation (:mod:`mfdetr.train.validation`).
 """
 
 from __future__ import annotations
@@ -43,22 +43,14 @@ from torch.utils.data import DistributedSampler
 
 from mfdetr import __version__
 from mfdetr.cache.batch import batch_to
-from mfdetr.engine import distributed as dist_utils
-from mfdetr.engine.box_select import _top_per_row, train_select, val_select  # noqa: F401
-from mfdetr.engine.schedule import build_scheduler
-from mfdetr.engine.train_config import TrainConfig
-from mfdetr.engine.train_data import (  # noqa: F401
-    _available_bytes,
-    _has_targets,
-    _level_dicts,
-    _worker_init,
-    check_cache_fits,
-    make_loader,
-    maybe_preload,
-    open_dataset,
-)
-from mfdetr.engine.train_runtime import _log, autocast_ctx, compute_threads, resolve_device  # noqa: F401
-from mfdetr.engine.validate import validate
+from mfdetr.utils import distributed as dist_utils
+from mfdetr.train.selection import top_per_row, train_select, val_select  # noqa: F401
+from mfdetr.train.schedule import build_scheduler
+from mfdetr.train.config import TrainConfig
+from mfdetr.cache.loader import make_loader
+from mfdetr.train.data import check_cache_fits, has_targets, level_dicts, maybe_preload, open_dataset
+from mfdetr.train.runtime import log, autocast_ctx, compute_threads, resolve_device  # noqa: F401
+from mfdetr.train.validation import validate
 from mfdetr.errors import MfdetrError
 from mfdetr.model.checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint, save_checkpoint
 from mfdetr.model.losses import compute_losses
@@ -120,7 +112,7 @@ def train_from_cache(
     Returns a summary: run_dir, checkpoint, best_checkpoint, epochs, steps, train_loss, val_miou,
     best_val_miou, seconds, images_per_s, params, losses (per step, this call), resumed_from.
     """
-    from mfdetr.model.mask_net import build_mask_net, count_parameters
+    from mfdetr.model import build_mask_net, count_parameters
 
     cfg = cfg or TrainConfig()
     out = Path(out)
@@ -140,16 +132,16 @@ def train_from_cache(
 
     try:
         ds = open_dataset(cache, "train cache")
-        if not _has_targets(ds):
+        if not has_targets(ds):
             raise MfdetrError(f"train cache {cache} has no mask targets (extracted without annotations?)")
         check_cache_fits(ds, cfg.model, f"train cache {cache}")
         vds = open_dataset(val_cache, "val cache") if val_cache is not None else None
         if vds is not None:
             check_cache_fits(vds, cfg.model, f"val cache {val_cache}")
-            if _level_dicts(vds.levels) != _level_dicts(ds.levels) or vds.query_dim != ds.query_dim:
+            if level_dicts(vds.levels) != level_dicts(ds.levels) or vds.query_dim != ds.query_dim:
                 raise MfdetrError(
-                    f"val cache {val_cache} (levels {_level_dicts(vds.levels)}, query_dim {vds.query_dim}) does not "
-                    f"match train cache {cache} (levels {_level_dicts(ds.levels)}, query_dim {ds.query_dim})"
+                    f"val cache {val_cache} (levels {level_dicts(vds.levels)}, query_dim {vds.query_dim}) does not "
+                    f"match train cache {cache} (levels {level_dicts(ds.levels)}, query_dim {ds.query_dim})"
                 )
 
         # ---- resume or fresh
@@ -221,7 +213,7 @@ def train_from_cache(
                     f"{'grad scaler, ' if ckpt.get('scaler') else ''}{rng_note}, sampler seed "
                     f"{ckpt['sampler']['seed']} -> next epoch {start_epoch}"
                 )
-                _log(msg)
+                log(msg)
                 _append_jsonl(out / "metrics.jsonl", {"type": "resume", "epoch": start_epoch, "step": step, "message": msg})
 
         if info.enabled:
@@ -240,7 +232,7 @@ def train_from_cache(
                 "params": n_params, "train_images": len(ds),
                 "cache": str(cache) if isinstance(cache, (str, Path)) else type(cache).__name__,
             })
-            _log(
+            log(
                 f"train-from-cache: {len(ds)} images, {iters_per_epoch} steps/epoch x {cfg.epochs} epochs, "
                 f"batch {cfg.batch_size} x {info.world} process(es), {n_params / 1e6:.2f}M params, "
                 f"head {cfg.model.head}, device {device}"
@@ -335,12 +327,12 @@ def train_from_cache(
                 if "val_miou" in epoch_metrics:
                     msg += (f", val mean mask IoU {epoch_metrics['val_miou']:.4f} over "
                             f"{int(epoch_metrics['val_boxes'])} matched boxes (IoU-head MAE {epoch_metrics['val_iou_head_mae']:.3f})")
-                _log(msg + f", {ep_secs:.1f}s")
+                log(msg + f", {ep_secs:.1f}s")
                 ck = {
                     "format": FORMAT, "format_version": FORMAT_VERSION, "mfdetr_version": __version__,
                     "model_config": to_dict(cfg.model), "train_config": to_dict(cfg),
-                    "levels": _level_dicts(model.levels), "query_dim": int(ds.query_dim),
-                    "detector": dict((getattr(ds, "attrs", None) or {}).get("detector") or {"levels": _level_dicts(ds.levels), "query_dim": int(ds.query_dim)}),
+                    "levels": level_dicts(model.levels), "query_dim": int(ds.query_dim),
+                    "detector": dict((getattr(ds, "attrs", None) or {}).get("detector") or {"levels": level_dicts(ds.levels), "query_dim": int(ds.query_dim)}),
                     "cache": {
                         "fingerprint": getattr(ds, "fingerprint", None), "path": str(cache) if isinstance(cache, (str, Path)) else None,
                         "options": (getattr(ds, "attrs", None) or {}).get("options"), "num_images": len(ds),
@@ -352,7 +344,7 @@ def train_from_cache(
                     "rng": rngs, "sampler": {"seed": cfg.seed, "next_epoch": epoch + 1},
                 }
                 # the checkpoint's own copy of the detector levels must list every cache level
-                ck["detector"].setdefault("levels", _level_dicts(ds.levels))
+                ck["detector"].setdefault("levels", level_dicts(ds.levels))
                 save_checkpoint(ck, ckpt_dir / f"epoch_{epoch + 1:03d}.pt")
                 save_checkpoint(ck, ckpt_dir / "last.pt")
                 if improved or "val_miou" not in epoch_metrics:

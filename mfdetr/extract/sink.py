@@ -1,4 +1,4 @@
-"""The per-image step of ``extract``'s writers (``_Sink``): checks, dtype conversion, matching + mask
+"""The per-image step of ``extract``'s writers (``Sink``): checks, dtype conversion, matching + mask
 targets, block buffers, and whole-block Zarr writes."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from mfdetr.cache.schema import FEAT_GROUP
 from mfdetr.cache.writer import BlockWriter, encode_float
 from mfdetr.errors import MfdetrError
-from mfdetr.model.matching import compute_targets
+from mfdetr.extract.matching import compute_targets
 
 
-class _Sink:
+class Sink:
     """Per image: checks, dtype conversion, matching + mask targets, into block buffers; a complete
     block is written whole (``done`` last). Runs in a writer thread or a writer process."""
 

@@ -80,7 +80,7 @@ def resolve_store_path(detector_spec: str, annotations: Path, fingerprint: str, 
 # run set-up
 
 
-def _dist_info() -> tuple[int, int, bool, bool]:
+def dist_info() -> tuple[int, int, bool, bool]:
     """(rank, world, uses torch.distributed, we initialised it) from torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
@@ -103,7 +103,7 @@ def _image_hw(dataset: Any, i: int) -> tuple[int, int]:
     return int(info["height"]), int(info["width"])
 
 
-def _make_batches(writer: BlockWriter, blocks: list[int], batch_size: int) -> list[list[int]]:
+def make_batches(writer: BlockWriter, blocks: list[int], batch_size: int) -> list[list[int]]:
     out = []
     for b in blocks:
         s, e = writer.block_range(b)
@@ -112,7 +112,7 @@ def _make_batches(writer: BlockWriter, blocks: list[int], batch_size: int) -> li
     return out
 
 
-def _build_detector(spec: str, dataset: Any, opts: ExtractOptions, device: str):
+def detector_for(spec: str, dataset: Any, opts: ExtractOptions, device: str):
     from mfdetr.detectors.registry import build_detector
 
     return build_detector(spec, categories=dataset.categories, device=device, levels=opts.levels, topk=opts.topk)

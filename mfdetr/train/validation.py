@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from mfdetr.cache.batch import batch_to
-from mfdetr.engine.box_select import val_select
-from mfdetr.engine.train_runtime import autocast_ctx
+from mfdetr.train.selection import val_select
+from mfdetr.train.runtime import autocast_ctx
 from mfdetr.model.losses import mask_iou
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mfdetr.engine.coco_results import xyxy_to_xywh
-from mfdetr.engine.paste import paste_masks_torch
+from mfdetr.evaluate.coco_results import xyxy_to_xywh
+from mfdetr.evaluate.paste import paste_masks_torch
 
 
 @torch.inference_mode()
@@ -25,7 +25,7 @@ def image_jobs(
 ) -> list[dict[str, Any]]:
     """Run the mask network on one batch and build one paste/encode job per image.
 
-    Each job (see :func:`mfdetr.engine.coco_results.image_results`) holds the image's top-``topk``
+    Each job (see :func:`mfdetr.evaluate.coco_results.image_results`) holds the image's top-``topk``
     boxes by final score (``score_threshold`` then drops lower ones), their labels, final scores,
     detection scores and either box-frame probabilities (CPU: pasted later, in a worker) or
     thresholded crops (pasted here, chunked, when ``device`` is not the CPU; ``paste_on_device``

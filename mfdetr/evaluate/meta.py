@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from mfdetr.errors import MfdetrError
 
 
-def _get(obj: Any, key: str, default: Any = None) -> Any:
+def get(obj: Any, key: str, default: Any = None) -> Any:
     if obj is None:
         return default
     if isinstance(obj, dict):
@@ -21,7 +21,7 @@ def level_dicts(levels: Sequence[Any] | None) -> list[dict[str, Any]]:
     """LevelSpec objects or dicts -> ``[{name, stride, channels}]``."""
     out = []
     for lv in levels or []:
-        out.append({"name": str(_get(lv, "name")), "stride": int(_get(lv, "stride")), "channels": int(_get(lv, "channels"))})
+        out.append({"name": str(get(lv, "name")), "stride": int(get(lv, "stride")), "channels": int(get(lv, "channels"))})
     return out
 
 

@@ -1,10 +1,10 @@
 """The autograd Functions of the fused RoIAlign (``roi_align.py``) and the tap lists of one call.
 
-- ``_FusedRoIAlign``: features (any layout/dtype) -> gathered rows; backward writes each level's gradient
+- ``FusedRoIAlign``: features (any layout/dtype) -> gathered rows; backward writes each level's gradient
   in the level's own memory format;
-- ``_WeightedGather``: the flat API's gather from a ``flatten_levels`` buffer;
-- ``_FlattenLevels``: ``flatten_levels``'s copy into the buffer, and its backward;
-- ``_build``: the tap lists (``_taps.build_taps``) of a call's plan.
+- ``WeightedGather``: the flat API's gather from a ``flatten_levels`` buffer;
+- ``FlattenLevels``: ``flatten_levels``'s copy into the buffer, and its backward;
+- ``build``: the tap lists (``taps.build_taps``) of a call's plan.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mfdetr.ops import _cpu, _taps
-from mfdetr.ops._gather import _cell_range, _flatten_into, _gather, _row_chunks, _transposed_gather
-from mfdetr.ops._taps import LevelShape
+from mfdetr.ops import parallel, taps
+from mfdetr.ops.gather import cell_range, flatten_into, gather_rows, row_chunks, transposed_gather
+from mfdetr.ops.taps import LevelShape
 
 
 # ----------------------------------------------------------------------------------------------------
 # the taps of a call
 
 
-def _build(plan: dict, shapes: Sequence[LevelShape], workers: int):
-    with _cpu.serial():
-        return _taps.build_taps(
+def build(plan: dict, shapes: Sequence[LevelShape], workers: int):
+    with parallel.serial():
+        return taps.build_taps(
             plan["rois"],
             shapes,
             plan["scales"],
@@ -34,7 +34,7 @@ def _build(plan: dict, shapes: Sequence[LevelShape], workers: int):
             plan["aligned"],
             plan["per_level"],
             plan["ct"],
-            lambda tasks: _cpu.run_tasks(tasks, workers),
+            lambda tasks: parallel.run_tasks(tasks, workers),
         )
 
 
@@ -42,13 +42,13 @@ def _build(plan: dict, shapes: Sequence[LevelShape], workers: int):
 # autograd
 
 
-class _FusedRoIAlign(torch.autograd.Function):
+class FusedRoIAlign(torch.autograd.Function):
     """features (any layout/dtype) -> gathered rows [nbags, C] (compute dtype)."""
 
     @staticmethod
     def forward(ctx, plan: dict, *features: Tensor) -> Tensor:  # type: ignore[override]
-        with _cpu.serial():  # stray ATen ops single-threaded too; the big steps use the task pool
-            return _FusedRoIAlign._forward(ctx, plan, *features)
+        with parallel.serial():  # stray ATen ops single-threaded too; the big steps use the task pool
+            return FusedRoIAlign._forward(ctx, plan, *features)
 
     @staticmethod
     def _forward(ctx, plan: dict, *features: Tensor) -> Tensor:
@@ -56,25 +56,25 @@ class _FusedRoIAlign(torch.autograd.Function):
         ct, dev = plan["ct"], f0.device
         shapes = [(int(f.shape[0]), int(f.shape[2]), int(f.shape[3])) for f in features]
         C = int(f0.shape[1])
-        workers = _cpu.n_workers(dev)
+        workers = parallel.n_workers(dev)
         n_rows = sum(b * h * w for b, h, w in shapes)
-        ws = _cpu.take_workspace(n_rows * C, ct, dev)
+        ws = parallel.take_workspace(n_rows * C, ct, dev)
         try:
             buf = ws[: n_rows * C].view(n_rows, C) if ws is not None else torch.empty((n_rows, C), dtype=ct, device=dev)
-            _flatten_into(buf, features, workers)
-            idx, w, offsets = _build(plan, shapes, workers)
-            rows = _gather(buf, idx, w, offsets, workers)
+            flatten_into(buf, features, workers)
+            idx, w, offsets = build(plan, shapes, workers)
+            rows = gather_rows(buf, idx, w, offsets, workers)
             del buf
         finally:
-            _cpu.return_workspace(ws)
+            parallel.return_workspace(ws)
         ctx.save_for_backward(idx, w, offsets)
         ctx.meta = (shapes, C, [f.dtype for f in features], [_layout(f) for f in features])
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):  # type: ignore[override]
-        with _cpu.serial():
-            return _FusedRoIAlign._backward(ctx, grad_rows)
+        with parallel.serial():
+            return FusedRoIAlign._backward(ctx, grad_rows)
 
     @staticmethod
     def _backward(ctx, grad_rows: Tensor):
@@ -88,8 +88,8 @@ class _FusedRoIAlign(torch.autograd.Function):
         ]
         if not any(needs):
             return (None, *grads)
-        chunks = [c for c in _row_chunks(shapes, C, 4, dev) if needs[c[0]]]
-        ranges = [_cell_range(c, shapes) for c in chunks]
+        chunks = [c for c in row_chunks(shapes, C, 4, dev) if needs[c[0]]]
+        ranges = [cell_range(c, shapes) for c in chunks]
 
         def write(j: int, rows: Tensor) -> None:
             lvl, _, b0, b1, y0, y1 = chunks[j]
@@ -101,13 +101,13 @@ class _FusedRoIAlign(torch.autograd.Function):
             else:  # contiguous NCHW: a batched 2-D transpose
                 dst.flatten(2).copy_(rows.view(nb, h * W, C).transpose(1, 2))
 
-        workers = _cpu.n_workers(dev)
+        workers = parallel.n_workers(dev)
         n_rows = sum(b * h * w_ for b, h, w_ in shapes)
         if idx.numel() == 0:
             for j, (c0, c1) in enumerate(ranges):
                 write(j, grad_rows.new_zeros((c1 - c0, C)))
         else:
-            _transposed_gather(grad_rows.contiguous(), idx, w, offsets, n_rows, ranges, write, workers)
+            transposed_gather(grad_rows.contiguous(), idx, w, offsets, n_rows, ranges, write, workers)
         return (None, *grads)
 
 
@@ -118,20 +118,20 @@ def _layout(f: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class _WeightedGather(torch.autograd.Function):
+class WeightedGather(torch.autograd.Function):
     """Flat API: buffer [N, C] -> rows [nbags, C]; backward: the transposed gather."""
 
     @staticmethod
     def forward(ctx, buf: Tensor, idx: Tensor, w: Tensor, offsets: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(idx, w, offsets)
         ctx.n_rows = buf.shape[0]
-        with _cpu.serial():
-            return _gather(buf, idx, w, offsets, _cpu.n_workers(buf.device))
+        with parallel.serial():
+            return gather_rows(buf, idx, w, offsets, parallel.n_workers(buf.device))
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):  # type: ignore[override]
-        with _cpu.serial():
-            return _WeightedGather._backward(ctx, grad_rows)
+        with parallel.serial():
+            return WeightedGather._backward(ctx, grad_rows)
 
     @staticmethod
     def _backward(ctx, grad_rows: Tensor):
@@ -144,24 +144,24 @@ class _WeightedGather(torch.autograd.Function):
         if idx.numel() == 0:
             gbuf.zero_()
             return gbuf, None, None, None
-        step = max(1, _cpu.CHUNK_BYTES // (C * gbuf.element_size())) if dev.type == "cpu" else n_rows
+        step = max(1, parallel.CHUNK_BYTES // (C * gbuf.element_size())) if dev.type == "cpu" else n_rows
         ranges = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
 
         def write(j: int, rows: Tensor) -> None:
             gbuf[ranges[j][0] : ranges[j][1]].copy_(rows)
 
-        _transposed_gather(grad_rows.contiguous(), idx, w, offsets, n_rows, ranges, write, _cpu.n_workers(dev))
+        transposed_gather(grad_rows.contiguous(), idx, w, offsets, n_rows, ranges, write, parallel.n_workers(dev))
         return gbuf, None, None, None
 
 
-class _FlattenLevels(torch.autograd.Function):
+class FlattenLevels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dtype: torch.dtype, *features: Tensor) -> Tensor:  # type: ignore[override]
         B, C = features[0].shape[:2]
         n_rows = sum(B * f.shape[2] * f.shape[3] for f in features)
         buf = torch.empty((n_rows, C), dtype=dtype, device=features[0].device)
-        with _cpu.serial():
-            _flatten_into(buf, features, _cpu.n_workers(buf.device))
+        with parallel.serial():
+            flatten_into(buf, features, parallel.n_workers(buf.device))
         ctx.meta = [(tuple(f.shape), f.dtype) for f in features]
         return buf
 

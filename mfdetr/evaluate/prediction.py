@@ -1,8 +1,8 @@
 """``mfdetr predict``: masks for new images, live: detector -> mask network -> paste -> RLE, no cache.
 
 The same modules as evaluation: ``records_from_detections`` + ``collate_records`` build the batch the
-mask network was trained on, :func:`mfdetr.engine.eval_jobs.image_jobs` picks the boxes and scores,
-:func:`mfdetr.engine.coco_results.image_results` pastes and encodes. On the same images (and the same
+mask network was trained on, :func:`mfdetr.evaluate.jobs.image_jobs` picks the boxes and scores,
+:func:`mfdetr.evaluate.coco_results.image_results` pastes and encodes. On the same images (and the same
 detector fingerprint) the masks equal ``evaluate``'s over a cache, up to the cache's storage dtype.
 """
 
@@ -16,10 +16,10 @@ from typing import Any, Sequence
 
 import torch
 
-from mfdetr.engine.coco_results import image_results
-from mfdetr.engine.eval_jobs import image_jobs
-from mfdetr.engine.eval_meta import meta_categories, meta_detector
-from mfdetr.engine.evaluate import read_image
+from mfdetr.evaluate.coco_results import image_results
+from mfdetr.evaluate.jobs import image_jobs
+from mfdetr.evaluate.meta import meta_categories, meta_detector
+from mfdetr.evaluate.evaluation import read_image
 from mfdetr.errors import MfdetrError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -164,7 +164,7 @@ def predict(
             res = image_results(job)
             results.extend(res)
             if vis:
-                from mfdetr.engine.visualize import save_overlay
+                from mfdetr.evaluate.overlays import save_overlay
 
                 save_overlay(out / "vis" / _overlay_name(path, used), imgs[j].numpy(), res, cat_names, score_threshold)
         if bar is not None:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mfdetr.engine.pipeline_config import PipelineConfig
+from mfdetr.pipeline.config import PipelineConfig
 from mfdetr.errors import MfdetrError
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from pycocotools import mask as mask_util
 
-from mfdetr.engine.paste import Crop, paste_crops_np
+from mfdetr.evaluate.paste import Crop, paste_crops_np
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 TABLE_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]

@@ -9,10 +9,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from mfdetr.engine.train_config import TrainConfig
-from mfdetr.engine.train_runtime import _log
+from mfdetr.train.config import TrainConfig
+from mfdetr.train.runtime import log
 from mfdetr.errors import MfdetrError
 from mfdetr.model.config import MaskNetConfig
 
@@ -29,14 +28,14 @@ def open_dataset(cache: Any, what: str = "cache") -> Any:
     return ds
 
 
-def _has_targets(ds: Any) -> bool:
+def has_targets(ds: Any) -> bool:
     if getattr(ds, "load_targets", True) is False:
         return False
     opts = (getattr(ds, "attrs", None) or {}).get("options") or {}
     return bool(opts.get("targets", True))
 
 
-def _level_dicts(levels: Iterable[Any]) -> list[dict[str, Any]]:
+def level_dicts(levels: Iterable[Any]) -> list[dict[str, Any]]:
     return [{"name": lv.name, "stride": int(lv.stride), "channels": int(lv.channels)} for lv in levels]
 
 
@@ -49,7 +48,7 @@ def check_cache_fits(ds: Any, model_cfg: MaskNetConfig, where: str, ckpt: dict[s
         if missing:
             raise MfdetrError(
                 f"the config asks for level(s) {missing} (model.levels = {model_cfg.levels}) but {where} has "
-                f"levels {_level_dicts(ds.levels)}"
+                f"levels {level_dicts(ds.levels)}"
             )
     if ckpt is None:
         return
@@ -58,7 +57,7 @@ def check_cache_fits(ds: Any, model_cfg: MaskNetConfig, where: str, ckpt: dict[s
         if got is None or got.stride != lv["stride"] or got.channels != lv["channels"]:
             raise MfdetrError(
                 f"checkpoint {ckpt_path} was trained on level {lv} but {where} has "
-                f"{_level_dicts([got]) if got else 'no such level'} (cache levels: {_level_dicts(ds.levels)})"
+                f"{level_dicts([got]) if got else 'no such level'} (cache levels: {level_dicts(ds.levels)})"
             )
     if int(ckpt["query_dim"]) != int(ds.query_dim):
         raise MfdetrError(
@@ -67,7 +66,7 @@ def check_cache_fits(ds: Any, model_cfg: MaskNetConfig, where: str, ckpt: dict[s
         )
 
 
-def _available_bytes() -> float:
+def available_bytes() -> float:
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
@@ -85,10 +84,10 @@ def maybe_preload(ds: Any, vds: Any, cfg: TrainConfig, info: Any, progress: bool
 
     need = estimate_bytes(ds) + (estimate_bytes(vds) if vds is not None and info.is_main else 0)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", getattr(info, "world", 1) or 1)))
-    budget = min(cfg.preload_max_gb * 2**30 / local, 0.5 * _available_bytes() / local)
+    budget = min(cfg.preload_max_gb * 2**30 / local, 0.5 * available_bytes() / local)
     if cfg.preload == "auto" and need > budget:
         if info.is_main:
-            _log(f"train-from-cache: streaming the cache with {cfg.workers} worker(s) (held in RAM it would take "
+            log(f"train-from-cache: streaming the cache with {cfg.workers} worker(s) (held in RAM it would take "
                  f"{need / 2**30:.2f} GiB > {budget / 2**30:.2f} GiB: preload_max_gb / available memory)")
         return ds, vds, cfg.workers
     t0 = time.perf_counter()
@@ -97,39 +96,6 @@ def maybe_preload(ds: Any, vds: Any, cfg: TrainConfig, info: Any, progress: bool
     if vds is not None and info.is_main:
         vds = preload(vds, cfg.workers, show, "preload val cache")
     if info.is_main:
-        _log(f"train-from-cache: caches held in RAM ({need / 2**30:.2f} GiB, read in {time.perf_counter() - t0:.1f}s); "
+        log(f"train-from-cache: caches held in RAM ({need / 2**30:.2f} GiB, read in {time.perf_counter() - t0:.1f}s); "
              "training reads memory with no workers")
     return ds, vds, 0
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def make_loader(ds: Any, batch_size: int, workers: int, sampler: Any = None, shuffle: bool = False,
-                drop_last: bool = False, seed: int = 0, pin_memory: bool = False, collate_fn: Any = None,
-                persistent: bool = True) -> DataLoader:
-    """A DataLoader over cache records (collate = the dataset's unless ``collate_fn``), workers
-    started by forkserver (kept across epochs when ``persistent``)."""
-    kw: dict[str, Any] = {}
-    if workers > 0:
-        import multiprocessing as mp
-
-        kw = {
-            "multiprocessing_context": "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn",
-            "persistent_workers": persistent,
-            "prefetch_factor": 4,
-            "worker_init_fn": _worker_init,
-        }
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=shuffle if sampler is None else False,
-        num_workers=workers,
-        collate_fn=collate_fn or ds.collate,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),  # worker seeds: never touches the global RNG
-        **kw,
-    )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mfdetr.cache.schema import ExtractOptions
-from mfdetr.engine.train_config import TrainConfig
+from mfdetr.train.config import TrainConfig
 from mfdetr.errors import MfdetrError
 from mfdetr.utils.config import apply_overrides, from_dict, load_toml
 

@@ -31,18 +31,18 @@ import torch
 
 from mfdetr.cache.schema import ExtractOptions, MatchOptions
 from mfdetr.cache.writer import BlockWriter, create_or_open, float16_warnings, is_url
-from mfdetr.engine.extract_plan import DEFAULT_CACHE_ROOT  # noqa: F401  (re-export)
-from mfdetr.engine.extract_plan import (
+from mfdetr.extract.plan import DEFAULT_CACHE_ROOT  # noqa: F401  (re-export)
+from mfdetr.extract.plan import (
     ExtractResult,
-    _build_detector,
-    _dist_info,
-    _make_batches,
+    detector_for,
+    dist_info,
+    make_batches,
     build_meta,
     parse_shard,
     resolve_store_path,
 )
-from mfdetr.engine.extract_source import _FATAL, _BatchSource, _identity
-from mfdetr.engine.extract_writers import _ProcessWriter, _ThreadWriter
+from mfdetr.extract.source import FATAL, BatchSource, identity
+from mfdetr.extract.writers import ProcessWriter, ThreadWriter
 from mfdetr.errors import MfdetrError
 
 __all__ = ["ExtractOptions", "MatchOptions", "ExtractResult", "extract", "resolve_store_path", "parse_shard"]
@@ -80,7 +80,7 @@ def extract(
     images, annotations = Path(images), Path(annotations)
     dataset = CocoDataset(annotations, images, skip_bad=skip_bad, load_masks=True)
     if isinstance(detector_spec, str):
-        detector = _build_detector(detector_spec, dataset, opts, device)
+        detector = detector_for(detector_spec, dataset, opts, device)
         spec = detector_spec
     else:
         detector = detector_spec.to(device)
@@ -92,7 +92,7 @@ def extract(
         Path(cache_root).mkdir(parents=True, exist_ok=True)
 
     # who owns which blocks
-    rank, world, use_dist, own_pg = _dist_info()
+    rank, world, use_dist, own_pg = dist_info()
     wid, wtotal = rank, world
     if shard is not None:
         si, sn = shard
@@ -124,18 +124,18 @@ def extract(
     warns: list[str] = []
     written = 0
     if pending:
-        batches = _make_batches(writer, pending, batch_size)
+        batches = make_batches(writer, pending, batch_size)
         n_todo = sum(len(b) for b in batches)
-        source = _BatchSource(dataset, batches, skip_bad)
+        source = BatchSource(dataset, batches, skip_bad)
         loader = torch.utils.data.DataLoader(
-            source, batch_size=None, shuffle=False, num_workers=max(0, int(workers)), collate_fn=_identity,
+            source, batch_size=None, shuffle=False, num_workers=max(0, int(workers)), collate_fn=identity,
             prefetch_factor=2 if workers > 0 else None,
         )
         maxsize = max(2, 2 * int(meta["options"]["block"]))
         # memory:// stores live in this process only: a writer process would write into its own copy
         use_procs = writers > 0 and not str(path).startswith("memory://")
-        bg: Any = (_ProcessWriter(path, meta, int(writers), maxsize) if use_procs
-                   else _ThreadWriter(writer, meta, maxsize))
+        bg: Any = (ProcessWriter(path, meta, int(writers), maxsize) if use_procs
+                   else ThreadWriter(writer, meta, maxsize))
         from tqdm import tqdm
 
         bar = tqdm(total=n_todo, unit="img", desc=f"extract {Path(str(path)).name}", disable=not progress or rank != 0,
@@ -150,8 +150,8 @@ def extract(
                     break
                 timings["load_wait"] += time.perf_counter() - t0
                 for _, _, _, reason in batch:
-                    if reason is not None and reason.startswith(_FATAL):
-                        raise MfdetrError(reason[len(_FATAL):])
+                    if reason is not None and reason.startswith(FATAL):
+                        raise MfdetrError(reason[len(FATAL):])
                 good = [(p, iid, pl) for p, iid, pl, _ in batch if pl is not None]
                 outs = []
                 if good:

@@ -1,9 +1,9 @@
 """The level buffer and the gathers over it, for the fused RoIAlign (``roi_align.py``).
 
-- ``_flatten_into``: the levels copied into one channels-last buffer ``[sum_l B*H_l*W_l, C]``, in chunks
-  (``_row_chunks``: level, images, rows) run by the CPU task pool (``_cpu.py``);
-- ``_gather``: the forward, one ``F.embedding_bag(mode="sum", per_sample_weights=...)`` over the tap lists;
-- ``_transposed_gather``: its transpose (the features' gradient), the taps sorted by buffer row
+- ``flatten_into``: the levels copied into one channels-last buffer ``[sum_l B*H_l*W_l, C]``, in chunks
+  (``row_chunks``: level, images, rows) run by the CPU task pool (``parallel.py``);
+- ``gather_rows``: the forward, one ``F.embedding_bag(mode="sum", per_sample_weights=...)`` over the tap lists;
+- ``transposed_gather``: its transpose (the features' gradient), the taps sorted by buffer row
   (``_Transposed``), one bag per buffer row, no atomics.
 """
 
@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mfdetr.ops import _cpu
-from mfdetr.ops._taps import LevelShape
+from mfdetr.ops import parallel
+from mfdetr.ops.taps import LevelShape
 
 
 # ----------------------------------------------------------------------------------------------------
 # chunks of the buffer (level, images b0:b1, rows y0:y1), each at most CHUNK_BYTES of rows
 
 
-def _row_chunks(shapes: Sequence[LevelShape], C: int, elem: int, device: torch.device):
+def row_chunks(shapes: Sequence[LevelShape], C: int, elem: int, device: torch.device):
     """[(level, row0, b0, b1, y0, y1)]: whole images when an image fits a chunk, else bands of rows."""
-    limit = _cpu.CHUNK_BYTES if device.type == "cpu" else 1 << 62
+    limit = parallel.CHUNK_BYTES if device.type == "cpu" else 1 << 62
     out = []
     row0 = 0
     for lvl, (B, H, W) in enumerate(shapes):
@@ -42,13 +42,13 @@ def _row_chunks(shapes: Sequence[LevelShape], C: int, elem: int, device: torch.d
     return out
 
 
-def _cell_range(chunk, shapes) -> tuple[int, int]:
+def cell_range(chunk, shapes) -> tuple[int, int]:
     lvl, row0, b0, b1, y0, y1 = chunk
     _, H, W = shapes[lvl]
     return row0 + b0 * H * W + y0 * W, row0 + (b1 - 1) * H * W + y1 * W
 
 
-def _flatten_into(buf: Tensor, features: Sequence[Tensor], workers: int) -> None:
+def flatten_into(buf: Tensor, features: Sequence[Tensor], workers: int) -> None:
     """buf[rows of (level, b, y, x), :] = features[level][b, :, y, x]."""
     shapes = [(int(f.shape[0]), int(f.shape[2]), int(f.shape[3])) for f in features]
     C = buf.shape[1]
@@ -57,7 +57,7 @@ def _flatten_into(buf: Tensor, features: Sequence[Tensor], workers: int) -> None
         lvl, row0, b0, b1, y0, y1 = chunk
         f = features[lvl]
         _, H, W = shapes[lvl]
-        c0, c1 = _cell_range(chunk, shapes)
+        c0, c1 = cell_range(chunk, shapes)
         src = f[b0:b1, :, y0:y1, :]
         nb, h = b1 - b0, y1 - y0
         dst = buf[c0:c1]
@@ -66,20 +66,20 @@ def _flatten_into(buf: Tensor, features: Sequence[Tensor], workers: int) -> None
         else:  # channels-last (a plain copy) or other strides
             dst.view(nb, h, W, C).copy_(src.permute(0, 2, 3, 1))
 
-    chunks = _row_chunks(shapes, C, buf.element_size(), buf.device)
-    _cpu.run_tasks([lambda c=c: task(c) for c in chunks], workers)
+    chunks = row_chunks(shapes, C, buf.element_size(), buf.device)
+    parallel.run_tasks([lambda c=c: task(c) for c in chunks], workers)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the gather and its transpose
 
 
-def _gather(buf: Tensor, idx: Tensor, w: Tensor, offsets: Tensor, workers: int) -> Tensor:
+def gather_rows(buf: Tensor, idx: Tensor, w: Tensor, offsets: Tensor, workers: int) -> Tensor:
     """rows[bag] = sum_{t in bag} w[t] * buf[idx[t]]  -> [nbags, C]: one embedding_bag (its bags are
     split over ``workers`` threads)."""
     if offsets.numel() == 0:
         return buf.new_zeros((0, buf.shape[1]))
-    with _cpu.threads(workers):
+    with parallel.threads(workers):
         return F.embedding_bag(idx, buf, offsets, mode="sum", per_sample_weights=w)
 
 
@@ -112,7 +112,7 @@ class _Transposed:
         )
 
 
-def _transposed_gather(
+def transposed_gather(
     grad_rows: Tensor,
     idx: Tensor,
     w: Tensor,
@@ -133,7 +133,7 @@ def _transposed_gather(
         cut += sorted(set(torch.searchsorted(offsets.to(torch.int64), want).tolist()) - {0, nb})
     cut.append(nb)
     tcut = torch.cat([offsets.to(torch.int64), offsets.new_tensor([T], dtype=torch.int64)])[cut].tolist()
-    parts = _cpu.run_tasks(
+    parts = parallel.run_tasks(
         [
             lambda i=i: _Transposed(idx, w, offsets[cut[i] : cut[i + 1]], cut[i], tcut[i], tcut[i + 1], n_rows)
             for i in range(len(cut) - 1)
@@ -153,4 +153,4 @@ def _transposed_gather(
             acc = o if acc is None else acc.add_(o)
         write(j, acc)
 
-    _cpu.run_tasks([lambda j=j: task(j) for j in range(len(ranges))], workers)
+    parallel.run_tasks([lambda j=j: task(j) for j in range(len(ranges))], workers)

@@ -1,5 +1,5 @@
-"""The background writers of ``extract``: one thread of the extract process (``_ThreadWriter``,
-``writers=0``) or N writer processes (``_ProcessWriter``), each feeding a ``_Sink`` from a bounded queue."""
+"""The background writers of ``extract``: one thread of the extract process (``ThreadWriter``,
+``writers=0``) or N writer processes (``ProcessWriter``), each feeding a ``Sink`` from a bounded queue."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from typing import Any
 import torch
 
 from mfdetr.cache.writer import BlockWriter, create_or_open
-from mfdetr.engine.extract_sink import _Sink
+from mfdetr.extract.sink import Sink
 from mfdetr.errors import MfdetrError
 
 
-class _ThreadWriter:
+class ThreadWriter:
     """``writers=0``: one background thread of this process consumes a bounded queue."""
 
     def __init__(self, writer: BlockWriter, meta: dict[str, Any], maxsize: int) -> None:
-        self.sink = _Sink(writer, meta)
+        self.sink = Sink(writer, meta)
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         self.stop_now = threading.Event()
@@ -76,13 +76,13 @@ def _die_with_parent() -> None:
 
 
 def _writer_process_main(path: str, meta: dict[str, Any], q_in: Any, q_out: Any, parent: int) -> None:
-    """A writer process: reopen the store, then handle items until None (see _Sink)."""
+    """A writer process: reopen the store, then handle items until None (see Sink)."""
     import traceback
 
     _die_with_parent()
     torch.set_num_threads(1)
     try:
-        sink = _Sink(BlockWriter(create_or_open(path, meta, create=False), meta), meta)
+        sink = Sink(BlockWriter(create_or_open(path, meta, create=False), meta), meta)
         while True:
             try:
                 item = q_in.get(timeout=1.0)
@@ -98,7 +98,7 @@ def _writer_process_main(path: str, meta: dict[str, Any], q_in: Any, q_out: Any,
         q_out.put(("error", type(e).__name__, str(e), traceback.format_exc(), isinstance(e, MfdetrError)))
 
 
-class _ProcessWriter:
+class ProcessWriter:
     """``writers=N``: N writer processes; block b's images all go to process b % N (one writer per
     block, as the store requires), so N blocks are converted, compressed and written in parallel,
     out of the detector process's GIL."""

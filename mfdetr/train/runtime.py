@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from mfdetr.engine.train_config import TrainConfig
+from mfdetr.train.config import TrainConfig
 from mfdetr.errors import MfdetrError
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     try:
         from tqdm import tqdm
 

@@ -25,11 +25,11 @@ def train_select(batch: dict[str, Any], max_matched: int, n_unmatched: int) -> t
     if max_matched > 0:
         same = (ann[:, :, None] == ann[:, None, :]) & matched[:, :, None] & matched[:, None, :]
         rank = (same & (prio[:, None, :] > prio[:, :, None])).sum(-1)  # same-object boxes drawn before
-        sel = _top_per_row(matched, prio - rank.to(prio.dtype), max_matched)
+        sel = top_per_row(matched, prio - rank.to(prio.dtype), max_matched)
     else:
         sel = matched.clone()
     if n_unmatched > 0:
-        sel |= _top_per_row(valid & ~matched, prio, n_unmatched)
+        sel |= top_per_row(valid & ~matched, prio, n_unmatched)
     if not bool(sel.any()):
         if bool(valid.any()):
             sel = valid.clone()
@@ -39,7 +39,7 @@ def train_select(batch: dict[str, Any], max_matched: int, n_unmatched: int) -> t
     return sel
 
 
-def _top_per_row(mask: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor:
+def top_per_row(mask: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor:
     if n <= 0:
         return mask.clone()
     score = torch.where(mask, score, torch.full_like(score, -1e9))
@@ -64,4 +64,4 @@ def val_select(batch: dict[str, Any], max_boxes: int = 0) -> torch.Tensor:
     idx = torch.arange(k, device=ann.device)
     better = (score[:, None, :] > score[:, :, None]) | ((score[:, None, :] == score[:, :, None]) & (idx[None, :] < idx[:, None])[None])
     rank = (same & better).sum(-1)
-    return _top_per_row(matched, score.clamp(0, 1) * 0.5 - rank.to(score.dtype), max_boxes)
+    return top_per_row(matched, score.clamp(0, 1) * 0.5 - rank.to(score.dtype), max_boxes)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mfdetr.engine.pipeline_config import PipelineConfig
+from mfdetr.pipeline.config import PipelineConfig
 from mfdetr.errors import MfdetrError
 from mfdetr.utils.config import to_dict
 from mfdetr.utils.hashing import sha256_json
@@ -93,7 +93,7 @@ def stage_data(cfg: PipelineConfig) -> StageRecord:
 
 def stage_extract(cfg: PipelineConfig, split: str) -> tuple[StageRecord, Any]:
     """Extract (or find by fingerprint) the cache of one split under ``cache_root``."""
-    from mfdetr.engine.extract import extract
+    from mfdetr.extract.loop import extract
 
     images, ann = cfg.data.splits()[split]
     t0 = time.perf_counter()
@@ -122,7 +122,7 @@ def stage_extract(cfg: PipelineConfig, split: str) -> tuple[StageRecord, Any]:
 
 def stage_train(cfg: PipelineConfig, state: _State, train_cache: str, val_cache: str, fps: dict) -> StageRecord:
     """Train the mask network from the train cache (resume an unfinished run of the same key)."""
-    from mfdetr.engine.train import train_from_cache
+    from mfdetr.train.loop import train_from_cache
 
     out = cfg.out_dir / "train"
     key = sha256_json({"train": to_dict(cfg.train), "caches": fps})
@@ -143,7 +143,7 @@ def stage_train(cfg: PipelineConfig, state: _State, train_cache: str, val_cache:
 
 def stage_evaluate(cfg: PipelineConfig, state: _State, val_cache: str, ann: Path) -> tuple[StageRecord, dict]:
     """COCO mask/box AP of the final checkpoint on the val cache."""
-    from mfdetr.engine.evaluate import evaluate
+    from mfdetr.evaluate.evaluation import evaluate
 
     out = cfg.out_dir / "eval"
     ckpt = cfg.out_dir / "train" / "checkpoints" / "last.pt"

@@ -1,1 +1,0 @@
-"""Engines: the loops behind the CLI commands (extract, train, evaluate, predict, pipeline)."""
