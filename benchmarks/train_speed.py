@@ -40,13 +40,18 @@ import numpy as np
 import torch
 
 from mfdetr.cache.batch import collate_records, records_from_detections
-from mfdetr.train.loop import TrainConfig, compute_threads, make_loader, train_select
-from mfdetr.model.losses import compute_losses
+from mfdetr.cache.loader import make_loader
 from mfdetr.model import build_mask_net, count_parameters
+from mfdetr.train.config import TrainConfig
+from mfdetr.train.runtime import compute_threads
+from mfdetr.train.schedule import build_scheduler
+from mfdetr.train.selection import train_select
+from mfdetr.train.step import build_optimizer, build_scaler, train_step
 
 
 def _rtdetr_small(size: int):
-    """The shipped shapes architecture (``tools/train_shapes_detector.py``: s8, 100 queries), random weights."""
+    """The shipped shapes architecture (``tools/train_shapes_detector.py``: s8, 100 queries), random
+    weights."""
     import importlib.util
 
     from transformers import RTDetrImageProcessor
@@ -66,10 +71,17 @@ def _rtdetr_r50(size: int):
 
     names = ["disc", "square", "triangle", "star", "ring", "cross"]
     cfg = RTDetrConfig(
-        backbone_config=RTDetrResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048],
-                                           layer_type="bottleneck", out_indices=[2, 3, 4]),
-        use_timm_backbone=False, use_pretrained_backbone=False, num_labels=6,
-        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        backbone_config=RTDetrResNetConfig(
+            depths=[3, 4, 6, 3],
+            hidden_sizes=[256, 512, 1024, 2048],
+            layer_type="bottleneck",
+            out_indices=[2, 3, 4],
+        ),
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        num_labels=6,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
     )
     return cfg, RTDetrImageProcessor(size={"height": size, "width": size})
 
@@ -86,13 +98,9 @@ def _hf_folder(builder, size: int, root: Path) -> str:
 
 
 def _load_images(folder: Path, names: list[str]) -> list[torch.Tensor]:
-    from PIL import Image
+    from mfdetr.data.image_io import load_image
 
-    out = []
-    for n in names:
-        with Image.open(folder / n) as im:
-            out.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous())
-    return out
+    return [load_image(folder / n) for n in names]
 
 
 def _force_matched(batch: dict[str, Any], n: int = 8) -> dict[str, Any]:
@@ -112,23 +120,28 @@ def _force_matched(batch: dict[str, Any], n: int = 8) -> dict[str, Any]:
 
 
 class Stepper:
-    """One mask-network training step (forward, loss, backward, AdamW), as train-from-cache runs it."""
+    """train-from-cache's own step (``mfdetr.train.step.train_step``) with its optimizer, LR schedule and
+    scaler, on the CPU."""
 
     def __init__(self, levels, query_dim, cfg: TrainConfig):
         torch.manual_seed(0)
         self.cfg = cfg
+        self.device = torch.device("cpu")
         self.net = build_mask_net(cfg.model, levels, query_dim)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4, foreach=True)
+        self.opt = build_optimizer(self.net, cfg)
+        self.scaler = build_scaler(self.device, cfg)
+        self.sched = build_scheduler(
+            self.opt,
+            10_000,
+            cfg.warmup_iters,
+            cfg.schedule,
+            cfg.min_lr_ratio,
+            cfg.step_milestones,
+            cfg.step_gamma,
+        )
 
     def __call__(self, batch: dict[str, Any]) -> float:
-        sel = train_select(batch, self.cfg.max_boxes_per_image, self.cfg.loss.unmatched_per_image)
-        out = self.net(batch, sel)
-        loss, _ = compute_losses(out, batch, self.cfg.loss)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-        self.opt.step()
-        return float(loss.detach())
+        return train_step(self.net, batch, self.opt, self.scaler, self.cfg, self.device, self.sched).loss
 
 
 def _timed_steps(loader: Any, it: Any, step: Stepper, iters: int) -> list[float]:
@@ -150,95 +163,147 @@ def _median(ts: list[float]) -> float:
     return float(np.median(ts))
 
 
-def run_setting(name: str, spec: str, images: Path, ann: Path, n_images: int, batch: int, iters: int, workers: int,
-                work: Path, detector_topk: int, sets: list[str] | None = None) -> dict[str, Any]:
-    import json
-
-    from mfdetr.cache.reader import CacheDataset
-    from mfdetr.detectors.registry import build_detector
-    from mfdetr.extract.loop import ExtractOptions, extract
-
-    cats = json.loads(ann.read_text())["categories"]
-    det = build_detector(spec, categories=cats, topk=detector_topk)
-    t = time.perf_counter()
-    res = extract(det, images, ann, out=str(work / f"{name}.zarr"), opts=ExtractOptions(topk=detector_topk, block=4),
-                  batch_size=batch, workers=0, progress=False)
-    t_extract = time.perf_counter() - t
-    ds = CacheDataset(res.path)
-    from mfdetr.utils.config import apply_overrides, from_dict
-
-    cfg = from_dict(TrainConfig, apply_overrides({}, sets or []))
-    step = Stepper(ds.levels, ds.query_dim, cfg)
-    nb = max(1, len(ds) // batch)
-    batches = [_force_matched(ds.collate([ds[i] for i in range(j * batch, (j + 1) * batch)])) for j in range(nb)]
-    n_boxes = [int(train_select(b, cfg.max_boxes_per_image, cfg.loss.unmatched_per_image).sum()) for b in batches]
-
-    # warm-up, then the in-memory step
-    step(batches[0])
-    t_step = []
-    for i in range(iters):
-        t = time.perf_counter()
-        step(batches[i % nb])
-        t_step.append(time.perf_counter() - t)
-
-    # from the cache: loader (workers) + step
-    loader = make_loader(ds, batch, workers, shuffle=False, drop_last=True)
-    it = iter(loader)
-    next(it)  # worker start-up is not a per-iteration cost
-    t_cache = _timed_steps(loader, it, step, iters)
-
-    # preloaded (train-from-cache's default for caches that fit in RAM): memory + the step, with the
-    # threads train-from-cache then uses (no loader workers: every core)
+def _preloaded_row(ds: Any, batch: int, workers: int, step: Stepper, iters: int) -> tuple[list[float], int]:
+    """Preloaded (train-from-cache's default for caches that fit in RAM): memory + the step, with the
+    threads train-from-cache then uses (no loader workers: every core). -> (seconds, threads)."""
     from mfdetr.cache.memory import preload
 
     mem = preload(ds, workers, progress=False)
     mem_loader = make_loader(mem, batch, 0, shuffle=False, drop_last=True)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(compute_threads(TrainConfig(workers=0), torch.device("cpu")))
+    torch.set_num_threads(compute_threads(TrainConfig(workers=0), torch.device("cpu"), workers=0))
     threads_mem = torch.get_num_threads()
     mit = iter(mem_loader)
     step(_force_matched(next(mit)))  # warm-up at this thread count
     t_mem = _timed_steps(mem_loader, mit, step, iters)
     torch.set_num_threads(threads_before)
-    del mem, mem_loader, mit
+    return t_mem, threads_mem
 
-    # loader alone: images/s over a few passes
+
+def _loader_ips(loader: Any, batch: int, n: int) -> float:
+    """The loader alone: images/s over a few passes."""
     t = time.perf_counter()
     n_read = 0
-    while n_read < max(4 * batch, min(len(ds), 64)):
+    while n_read < max(4 * batch, min(n, 64)):
         for b in loader:
             n_read += int(b["valid"].shape[0])
-    loader_ips = n_read / (time.perf_counter() - t)
-    del it, loader
+    return n_read / (time.perf_counter() - t)
 
-    # live: decode + detect + batch + the same step
+
+def _live_rows(
+    det: Any,
+    images: Path,
+    ann: Path,
+    ds: Any,
+    batches: list,
+    batch: int,
+    iters: int,
+    step: Stepper,
+    topk: int,
+) -> tuple[list[float], list[float]]:
+    """Live: decode + detect + batch + the same step. -> (seconds per iteration, detect seconds)."""
+    import json
+
     with open(ann) as f:
         names = [im["file_name"] for im in sorted(json.load(f)["images"], key=lambda x: x["id"])]
     t_live, t_det = [], []
     for i in range(max(2, min(iters, 3))):
-        j = i % nb
+        j = i % len(batches)
         t = time.perf_counter()
-        ims = _load_images(images, names[j * batch:(j + 1) * batch])
+        ims = _load_images(images, names[j * batch : (j + 1) * batch])
         td = time.perf_counter()
         outs = det.detect(ims)
         t_det.append(time.perf_counter() - td)
-        live = collate_records(records_from_detections(outs, topk=detector_topk), ds.levels)
+        live = collate_records(records_from_detections(outs, topk=topk), ds.levels)
         ref = batches[j]  # the targets (matching + crops) come from the cache: not timed, favouring live
         for key in ("match_ann_id", "match_iou", "mask_targets"):
             live[key] = ref[key]
         step(live)
         t_live.append(time.perf_counter() - t)
+    return t_live, t_det
+
+
+def run_setting(
+    name: str,
+    spec: str,
+    images: Path,
+    ann: Path,
+    n_images: int,
+    batch: int,
+    iters: int,
+    workers: int,
+    work: Path,
+    detector_topk: int,
+    sets: list[str] | None = None,
+) -> dict[str, Any]:
+    import json
+
+    from mfdetr.cache.reader import CacheDataset
+    from mfdetr.detectors.registry import build_detector
+    from mfdetr.extract.loop import ExtractOptions, extract
+    from mfdetr.utils.config import apply_overrides, from_dict
+
+    det = build_detector(spec, categories=json.loads(ann.read_text())["categories"], topk=detector_topk)
+    t = time.perf_counter()
+    res = extract(
+        det,
+        images,
+        ann,
+        out=str(work / f"{name}.zarr"),
+        opts=ExtractOptions(topk=detector_topk, block=4),
+        batch_size=batch,
+        workers=0,
+        progress=False,
+    )
+    t_extract = time.perf_counter() - t
+    ds = CacheDataset(res.path)
+    cfg = from_dict(TrainConfig, apply_overrides({}, sets or []))
+    step = Stepper(ds.levels, ds.query_dim, cfg)
+    nb = max(1, len(ds) // batch)
+    batches = [
+        _force_matched(ds.collate([ds[i] for i in range(j * batch, (j + 1) * batch)])) for j in range(nb)
+    ]
+    n_unmatched = cfg.loss.unmatched_per_image if cfg.loss.iou_unmatched else 0
+    n_boxes = [int(train_select(b, cfg.max_boxes_per_image, n_unmatched).sum()) for b in batches]
+
+    step(batches[0])  # warm-up, then the in-memory step
+    t_step = []
+    for i in range(iters):
+        t = time.perf_counter()
+        step(batches[i % nb])
+        t_step.append(time.perf_counter() - t)
+    # from the cache: loader (workers) + step
+    loader = make_loader(ds, batch, workers, shuffle=False, drop_last=True)
+    it = iter(loader)
+    next(it)  # worker start-up is not a per-iteration cost
+    t_cache = _timed_steps(loader, it, step, iters)
+    t_mem, threads_mem = _preloaded_row(ds, batch, workers, step, iters)
+    loader_ips = _loader_ips(loader, batch, len(ds))
+    del it, loader
+    t_live, t_det = _live_rows(det, images, ann, ds, batches, batch, iters, step, detector_topk)
     return {
-        "name": name, "spec": spec, "levels": ds.levels, "query_dim": ds.query_dim, "images": len(ds),
-        "batch": batch, "boxes_per_step": float(np.mean(n_boxes)), "params": count_parameters(step.net),
-        "extract_s": t_extract, "step": _median(t_step), "cache": _median(t_cache), "live": _median(t_live),
-        "mem": _median(t_mem), "threads_mem": threads_mem,
-        "detect": _median(t_det), "loader_ips": loader_ips, "step_ips": batch / _median(t_step),
+        "name": name,
+        "spec": spec,
+        "levels": ds.levels,
+        "query_dim": ds.query_dim,
+        "images": len(ds),
+        "batch": batch,
+        "boxes_per_step": float(np.mean(n_boxes)),
+        "params": count_parameters(step.net),
+        "extract_s": t_extract,
+        "step": _median(t_step),
+        "cache": _median(t_cache),
+        "live": _median(t_live),
+        "mem": _median(t_mem),
+        "threads_mem": threads_mem,
+        "detect": _median(t_det),
+        "loader_ips": loader_ips,
+        "step_ips": batch / _median(t_step),
         "input": tuple(int(v) for v in ds[0]["input_size"]),
     }
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images-a", type=int, default=32, help="images of the shapes setting (batch 8)")
     ap.add_argument("--images-b", type=int, default=4, help="images of the R50 / 640 px setting (batch 2)")
@@ -246,13 +311,30 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the cache rows")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = what train-from-cache picks)")
     ap.add_argument("--skip-b", action="store_true", help="only the shapes setting")
-    ap.add_argument("--set", dest="sets", action="append", default=[],
-                    help="TrainConfig override for both settings, e.g. --set model.fuse_stride=8 (repeatable)")
-    ap.add_argument("--set-b", dest="sets_b", action="append", default=[],
-                    help="TrainConfig override for the R50 / 640 px setting only")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        help="TrainConfig override for both settings, e.g. --set model.fuse_stride=8 (repeatable)",
+    )
+    ap.add_argument(
+        "--set-b",
+        dest="sets_b",
+        action="append",
+        default=[],
+        help="TrainConfig override for the R50 / 640 px setting only",
+    )
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _parse_args()
     # the training's own policy: the cores left after the loader's workers (see compute_threads)
-    torch.set_num_threads(args.threads or compute_threads(TrainConfig(workers=args.workers), torch.device("cpu")))
+    torch.set_num_threads(
+        args.threads
+        or compute_threads(TrainConfig(workers=args.workers), torch.device("cpu"), workers=args.workers)
+    )
 
     from mfdetr.data.synth import make_synth
     from mfdetr.detectors.registry import shapes_available
@@ -263,34 +345,73 @@ def main() -> None:
         make_synth(work / "a", train=args.images_a, val=0, size=192, seed=123, workers=1)
         spec_a = "shapes" if shapes_available() else _hf_folder(_rtdetr_small, 192, work / "det_a")
         label_a = "shipped shapes" if spec_a == "shapes" else "shapes arch. (random weights)"
-        rows.append(run_setting("a", spec_a, work / "a/train/images", work / "a/train/annotations.json",
-                                args.images_a, 8, args.iters, args.workers, work, 50, args.sets) | {"label": label_a})
+        rows.append(
+            run_setting(
+                "a",
+                spec_a,
+                work / "a/train/images",
+                work / "a/train/annotations.json",
+                args.images_a,
+                8,
+                args.iters,
+                args.workers,
+                work,
+                50,
+                args.sets,
+            )
+            | {"label": label_a}
+        )
         if not args.skip_b:
             make_synth(work / "b", train=args.images_b, val=0, size=640, seed=123, workers=1)
             spec_b = _hf_folder(_rtdetr_r50, 640, work / "det_b")
-            rows.append(run_setting("b", spec_b, work / "b/train/images", work / "b/train/annotations.json",
-                                    args.images_b, 2, max(3, args.iters // 2), args.workers, work, 100,
-                                    args.sets + args.sets_b)
-                        | {"label": "RT-DETR R50 (random weights)"})
+            rows.append(
+                run_setting(
+                    "b",
+                    spec_b,
+                    work / "b/train/images",
+                    work / "b/train/annotations.json",
+                    args.images_b,
+                    2,
+                    max(3, args.iters // 2),
+                    args.workers,
+                    work,
+                    100,
+                    args.sets + args.sets_b,
+                )
+                | {"label": "RT-DETR R50 (random weights)"}
+            )
 
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"mask network {rows[0]['params'] / 1e6:.2f}M params, TrainConfig defaults"
-          f"{' + ' + ' '.join(args.sets) if args.sets else ''}{'; R50 also ' + ' '.join(args.sets_b) if args.sets_b else ''}\n")
-    hdr = (f"| setting | input | batch | boxes/step | step in memory | from cache ({args.workers} workers) | live "
-           f"(detect) | live / cache | preloaded ({rows[0]['threads_mem']} threads) | live / preloaded | loader img/s "
-           f"| step img/s | loader / step |")
+    _print_table(rows, args)
+
+
+def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"mask network {rows[0]['params'] / 1e6:.2f}M params, TrainConfig defaults"
+        f"{' + ' + ' '.join(args.sets) if args.sets else ''}"
+        f"{'; R50 also ' + ' '.join(args.sets_b) if args.sets_b else ''}\n"
+    )
+    hdr = (
+        f"| setting | input | batch | boxes/step | step in memory | from cache ({args.workers} workers) "
+        f"| live (detect) | live / cache | preloaded ({rows[0]['threads_mem']} threads) | live / preloaded "
+        f"| loader img/s | step img/s | loader / step |"
+    )
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in rows:
-        print(f"| {r['label']} | {r['input'][0]}x{r['input'][1]} | {r['batch']} | {r['boxes_per_step']:.0f} | "
-              f"{r['step'] * 1000:.0f} ms | {r['cache'] * 1000:.0f} ms | {r['live'] * 1000:.0f} ms "
-              f"({r['detect'] * 1000:.0f}) | {r['live'] / r['cache']:.1f}x | {r['mem'] * 1000:.0f} ms | "
-              f"{r['live'] / r['mem']:.1f}x | {r['loader_ips']:.0f} | "
-              f"{r['step_ips']:.1f} | {r['loader_ips'] / r['step_ips']:.1f}x |")
+        print(
+            f"| {r['label']} | {r['input'][0]}x{r['input'][1]} | {r['batch']} | {r['boxes_per_step']:.0f} | "
+            f"{r['step'] * 1000:.0f} ms | {r['cache'] * 1000:.0f} ms | {r['live'] * 1000:.0f} ms "
+            f"({r['detect'] * 1000:.0f}) | {r['live'] / r['cache']:.1f}x | {r['mem'] * 1000:.0f} ms | "
+            f"{r['live'] / r['mem']:.1f}x | {r['loader_ips']:.0f} | "
+            f"{r['step_ips']:.1f} | {r['loader_ips'] / r['step_ips']:.1f}x |"
+        )
     for r in rows:
         lv = ", ".join(f"{x.name}(s{x.stride},c{x.channels})" for x in r["levels"])
-        print(f"\n{r['label']}: levels {lv}, query_dim {r['query_dim']}, extract {r['extract_s']:.1f}s "
-              f"for {r['images']} images")
+        print(
+            f"\n{r['label']}: levels {lv}, query_dim {r['query_dim']}, extract {r['extract_s']:.1f}s "
+            f"for {r['images']} images"
+        )
     sys.stdout.flush()
 
 

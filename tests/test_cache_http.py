@@ -13,7 +13,7 @@ import torch
 
 from mfdetr.cache.inspect import cache_info, verify
 from mfdetr.cache.reader import CacheDataset
-from mfdetr.extract.loop import ExtractOptions, extract
+from mfdetr.extract import ExtractOptions, extract
 
 from tests.fake_detector import FakeDetector, make_small_synth, serve_http
 
@@ -66,7 +66,7 @@ def python_http_server(root: Path):
 def test_trains_and_evaluates_from_a_python_http_server_url(tmp_path, caplog):
     """A cache served read-only by ``python -m http.server`` (no Range support: whole shard files come
     back and are sliced locally) trains exactly as from the local path, and evaluates from its URL."""
-    from mfdetr.evaluate.evaluation import evaluate
+    from mfdetr.evaluate import EvalConfig, evaluate
     from mfdetr.train.loop import train_from_cache
     from tests.test_train import small_cfg
 
@@ -78,19 +78,18 @@ def test_trains_and_evaluates_from_a_python_http_server_url(tmp_path, caplog):
                   opts=ExtractOptions(topk=8, block=4, mask_size=16), workers=0, progress=False)
     cfg = dict(epochs=1, batch_size=4, seed=3, workers=1)
     local = train_from_cache(res.path, tmp_path / "run_local", small_cfg(**cfg), progress=False)
+    eval_cfg = EvalConfig(workers=0, progress=False)
     with python_http_server(tmp_path / "www") as base:
         url = f"{base}/c.zarr"
         remote = train_from_cache(url, tmp_path / "run_remote", small_cfg(**cfg), val_cache=url, progress=False)
-        assert remote["steps"] == local["steps"] == 2
-        assert remote["train_loss"] == local["train_loss"]
-        assert 0.0 <= remote["val_miou"] <= 1.0
-        ev = evaluate(url, Path(remote["checkpoint"]), annotations=ann, out=tmp_path / "eval", workers=0,
-                      progress=False)
-    ev_local = evaluate(res.path, Path(local["checkpoint"]), annotations=ann, out=tmp_path / "eval_local",
-                        workers=0, progress=False)
-    assert ev["num_images"] == 8
+        assert remote.steps == local.steps == 2
+        assert remote.train_loss == local.train_loss
+        assert 0.0 <= remote.val_miou <= 1.0
+        ev = evaluate(url, Path(remote.checkpoint), eval_cfg, annotations=ann, out=tmp_path / "eval")
+    ev_local = evaluate(res.path, Path(local.checkpoint), eval_cfg, annotations=ann, out=tmp_path / "eval_local")
+    assert ev.num_images == 8
     assert any("ignores HTTP Range" in r.getMessage() for r in caplog.records)  # the fallback was exercised
-    assert ev["segm"]["AP"] == ev_local["segm"]["AP"] and ev["bbox"]["AP"] == ev_local["bbox"]["AP"]
-    sa = torch.load(remote["checkpoint"], map_location="cpu", weights_only=False)["model"]
-    sb = torch.load(local["checkpoint"], map_location="cpu", weights_only=False)["model"]
+    assert ev.mask_ap == ev_local.mask_ap and ev.box_ap == ev_local.box_ap
+    sa = torch.load(remote.checkpoint, map_location="cpu", weights_only=False)["model"]
+    sb = torch.load(local.checkpoint, map_location="cpu", weights_only=False)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from mfdetr.data.coco import CocoDataset, load_image
+from mfdetr.errors import MfdetrError
 from tests.coco_fixture import (
     BAD_IMAGE_IDS,
     BAD_KINDS,
@@ -20,9 +22,6 @@ from tests.coco_fixture import (
     make_bad_coco,
     make_quirky_coco,
 )
-
-from mfdetr.data.coco import CocoDataset, load_image
-from mfdetr.errors import MfdetrError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -70,7 +69,7 @@ def test_masks_equal_pycocotools(quirky, samples):
     _, by_id = samples
     ref = COCO(str(quirky[0]))  # pycocotools' own reading of the same file
     n = 0
-    for iid, s in by_id.items():
+    for s in by_id.values():
         assert s.masks.shape == (len(s.ann_ids),) + tuple(s.image.shape[1:])
         for k, aid in enumerate(s.ann_ids.tolist()):
             ann = copy.deepcopy(ref.anns[aid])

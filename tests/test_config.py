@@ -30,7 +30,8 @@ def test_defaults_file_and_overrides(tmp_path: Path) -> None:
     cfg = load_config(Outer, p, ["epochs=5", "inner.kind=b", "inner.lr=0.5"])
     assert cfg == Outer(name="run", epochs=5, inner=Inner(lr=0.5, kind="b", levels=["b4", "e8"]))
     assert isinstance(cfg.inner.lr, float)
-    assert to_dict(cfg) == {"name": "run", "epochs": 5, "inner": {"lr": 0.5, "kind": "b", "levels": ["b4", "e8"]}}
+    inner = {"lr": 0.5, "kind": "b", "levels": ["b4", "e8"]}
+    assert to_dict(cfg) == {"name": "run", "epochs": 5, "inner": inner}
 
 
 def test_unknown_key_names_it_and_valid_keys() -> None:

@@ -1,11 +1,14 @@
 """The Hugging Face adapter and the detector registry, on tiny random models (no download, CPU, seconds).
 
-Every listed class is built from a tiny random config, saved with save_pretrained (+ a small image processor) into
-a session tmp folder and loaded back through ``build_detector("hf:PATH")``.
+Every DETR-family class of transformers (``tests/hf_tiny.py``: a tiny random config of each, incl. timm
+backbones) is saved with save_pretrained (+ its image processor) into a session tmp folder and loaded back
+through ``build_detector("hf:PATH")``; outputs are checked against an independent forward of the saved model
+and its processor's own ``post_process_object_detection``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import textwrap
@@ -15,81 +18,33 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mfdetr.detectors.base import DetectorOutput, FrozenDetector, LevelSpec
-from mfdetr.detectors.registry import build_detector
-from mfdetr.errors import MfdetrError
+from mfdetr.detectors.base import DetectorOutput, FrozenDetector, LevelSpec  # noqa: E402
+from mfdetr.detectors.hf_features import backbone_module, backbone_output_maps  # noqa: E402
+from mfdetr.detectors.registry import build_detector  # noqa: E402
+from mfdetr.errors import MfdetrError  # noqa: E402
+from tests.hf_tiny import ALL, CLASSES, QUERIES, WIDTH, save_tiny  # noqa: E402
 
-ID2LABEL = {0: "disc", 1: "Square", 2: "big triangle"}
 CATEGORIES = [{"id": 11, "name": "disc"}, {"id": 12, "name": "square"}, {"id": 13, "name": "Big_Triangle"},
               {"id": 14, "name": "star"}]
-QUERIES = 12
-ALL = ["detr", "conditional_detr", "deformable_detr", "deformable_detr_refine", "deformable_detr_two_stage",
-       "rt_detr", "rt_detr_v2", "d_fine", "d_fine_hgnetv2"]
-SIGMOID_TOPK_ARG = {"conditional_detr", "deformable_detr", "deformable_detr_refine", "deformable_detr_two_stage"}
-
-
-def _resnet(out_features):
-    return transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                                      layer_type="basic", out_features=out_features)
-
-
-def make_tiny(name: str):
-    """(model, image processor) of a tiny random model of one supported class."""
-    t = transformers
-    common = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-                  encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=QUERIES, id2label=ID2LABEL,
-                  label2id={v: k for k, v in ID2LABEL.items()})
-    detr_kw = dict(use_timm_backbone=False, use_pretrained_backbone=False)
-    small = {"shortest_edge": 64, "longest_edge": 96}
-    if name == "detr":
-        model = t.DetrForObjectDetection(t.DetrConfig(backbone_config=_resnet(["stage4"]), **detr_kw, **common))
-        return model, t.DetrImageProcessor(size=small)
-    if name == "conditional_detr":
-        model = t.ConditionalDetrForObjectDetection(
-            t.ConditionalDetrConfig(backbone_config=_resnet(["stage4"]), **detr_kw, **common))
-        return model, t.ConditionalDetrImageProcessor(size=small)
-    if name.startswith("deformable_detr"):
-        cfg = t.DeformableDetrConfig(
-            backbone_config=_resnet(["stage2", "stage3", "stage4"]), **detr_kw, **common, num_feature_levels=4,
-            encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=QUERIES,
-            with_box_refine=name != "deformable_detr", two_stage=name == "deformable_detr_two_stage")
-        return t.DeformableDetrForObjectDetection(cfg), t.DeformableDetrImageProcessor(size=small)
-    backbone = t.RTDetrResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                                    layer_type="basic", out_indices=[2, 3, 4])
-    kw = dict(backbone_config=backbone, encoder_in_channels=[32, 64, 128], encoder_hidden_dim=32, d_model=32,
-              decoder_in_channels=[32, 32, 32], encoder_ffn_dim=32, decoder_ffn_dim=32, decoder_layers=2,
-              encoder_attention_heads=2, decoder_attention_heads=2, num_queries=QUERIES, num_denoising=0,
-              id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()})
-    proc = t.RTDetrImageProcessor(size={"height": 64, "width": 96})
-    if name == "rt_detr":
-        return t.RTDetrForObjectDetection(t.RTDetrConfig(**kw)), proc
-    if name == "rt_detr_v2":
-        return t.RTDetrV2ForObjectDetection(t.RTDetrV2Config(**kw)), proc
-    if name == "d_fine":
-        return t.DFineForObjectDetection(t.DFineConfig(**kw)), proc
-    if name == "d_fine_hgnetv2":  # D-FINE's own backbone family
-        kw["backbone_config"] = t.HGNetV2Config(
-            hidden_sizes=[16, 32, 64, 128], stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 64],
-            stage_mid_channels=[8, 8, 16, 16], stage_out_channels=[16, 32, 64, 128], stage_num_blocks=[1, 1, 1, 1],
-            stage_numb_of_layers=[1, 1, 1, 1], stage_downsample=[False, True, True, True],
-            stage_light_block=[False, False, True, True], stage_kernel_size=[3, 3, 5, 5],
-            out_features=["stage2", "stage3", "stage4"])
-        return t.DFineForObjectDetection(t.DFineConfig(**kw)), proc
-    raise KeyError(name)
+_CNN = ["b4", "b8", "b16", "b32"]
+# the levels each family offers (README table); tiny configs: LW-DETR's projector at scales 2 and 0.5
+LEVELS = {
+    "detr": _CNN + ["e32"], "conditional_detr": _CNN + ["e32"], "dab_detr": _CNN + ["e32"],
+    "table_transformer": _CNN + ["e32"], "detr_timm": ["b2"] + _CNN + ["e32"],
+    **{n: _CNN + ["e8", "e16", "e32", "e64"] for n in ("deformable_detr", "deformable_detr_refine",
+                                                        "deformable_detr_two_stage")},
+    "deformable_detr_timm": ["b2"] + _CNN + ["e8", "e16", "e32", "e64"],
+    **{n: _CNN + ["e8", "e16", "e32"]
+       for n in ("rt_detr", "rt_detr_v2", "d_fine", "d_fine_hgnetv2", "deimv2")},
+    "lw_detr": ["b16", "e8", "e32"], "rf_detr": ["b16", "e16"], "rf_detr_seg": ["b16", "e16"],
+}
 
 
 @pytest.fixture(scope="session")
 def hf_folders(tmp_path_factory):
-    """name -> folder of a saved tiny model of each supported class."""
+    """name -> folder of a saved tiny model of each class."""
     root = tmp_path_factory.mktemp("hf_tiny")
-    out = {}
-    for i, name in enumerate(ALL):
-        torch.manual_seed(1000 + i)
-        model, proc = make_tiny(name)
-        model.save_pretrained(root / name)
-        proc.save_pretrained(root / name)
-        out[name] = root / name
-    return out
+    return {name: save_tiny(name, root / name, seed=1000 + i) for i, name in enumerate(ALL)}
 
 
 def _images():
@@ -99,39 +54,73 @@ def _images():
 
 
 def _reference(folder, name, image, k):
-    """Independent forward + HF post_process on one image: (outputs, post-processed dict sorted by score)."""
+    """Independent forward + the processor's own post-processing on one image:
+    (model, outputs, post-processed dict sorted by score, processor inputs)."""
     from transformers import AutoImageProcessor
 
-    cls = getattr(transformers, type_name(name))
-    model = cls.from_pretrained(str(folder)).eval()
+    model = getattr(transformers, CLASSES[name]).from_pretrained(str(folder)).eval()
     proc = AutoImageProcessor.from_pretrained(str(folder))
     with torch.no_grad():
         enc = proc(images=[image], return_tensors="pt")
         out = model(**enc)
     size = [tuple(image.shape[-2:])]
-    if name in SIGMOID_TOPK_ARG:
-        res = proc.post_process_object_detection(out, threshold=0.0, target_sizes=size, top_k=k)[0]
-    else:
-        res = proc.post_process_object_detection(out, threshold=0.0, target_sizes=size)[0]
+    params = inspect.signature(proc.post_process_object_detection).parameters
+    extra = {"top_k": k} if "top_k" in params else {}
+    res = proc.post_process_object_detection(out, threshold=0.0, target_sizes=size, **extra)[0]
     order = res["scores"].argsort(descending=True, stable=True)[:k]
-    return out, {key: v[order] for key, v in res.items()}, enc
+    return model, out, {key: v[order] for key, v in res.items()}, enc
 
 
-def type_name(name):
-    from mfdetr.detectors.hf import SUPPORTED
+def _memory_reference(model, out, enc, name):
+    """The model's multi-scale memory computed without the adapter: a list of [C, h, w] maps, or None."""
+    mem = getattr(out, "encoder_last_hidden_state", None)
+    if isinstance(mem, (list, tuple)):  # RT-DETR family
+        return [m[0] for m in mem]
+    if name.startswith(("lw_detr", "rf_detr")):  # no encoder: the projector over the ViT
+        inner = model.model.model if name == "rf_detr_seg" else model.model
+        with torch.no_grad():
+            feats = inner.backbone(enc["pixel_values"], enc["pixel_mask"])
+        feats = feats if isinstance(feats, list) else [feats]
+        return [f[0][0] for f in feats]
+    return None if mem is None else mem[0]  # flattened: [N, C], checked by the caller
 
-    mt = name if name in SUPPORTED else ("d_fine" if name.startswith("d_fine") else "deformable_detr")
-    return SUPPORTED[mt][0]
+
+def _check_levels(det, o, ref_model, ref_out, enc, name):
+    h_in, w_in = o.input_size
+    assert [lv.name for lv in det.levels] == LEVELS[name]
+    for lv in det.levels:
+        f = o.features[lv.name]
+        assert f.dtype == torch.float32 and lv.stride == int(lv.name[1:])
+        assert f.shape == (lv.channels, -(-h_in // lv.stride), -(-w_in // lv.stride)), lv
+    enc_levels = [lv for lv in det.levels if lv.name.startswith("e")]
+    mem = _memory_reference(ref_model, ref_out, enc, name)
+    if isinstance(mem, list):
+        assert len(mem) == len(enc_levels)
+        for lv, m in zip(enc_levels, mem):
+            torch.testing.assert_close(o.features[lv.name], m, rtol=0, atol=1e-4)
+    elif mem is not None:  # flattened memory: the levels, in order, are its consecutive row blocks
+        flat = torch.cat([o.features[lv.name].flatten(1).T for lv in enc_levels])
+        torch.testing.assert_close(flat, mem, rtol=0, atol=1e-4)
+    # b levels: the backbone's own output maps (deepest of each stride), run standalone
+    with torch.no_grad():
+        maps = backbone_output_maps(backbone_module(ref_model)(enc["pixel_values"]))
+    assert maps
+    b_levels = [lv.name for lv in det.levels if lv.name.startswith("b")]
+    by_shape = {tuple(o.features[n].shape[-2:]): n for n in b_levels}
+    for m in maps:
+        deepest = [x for x in maps if x.shape[-2:] == m.shape[-2:]][-1]
+        torch.testing.assert_close(o.features[by_shape[tuple(m.shape[-2:])]], deepest[0], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_contract_and_equals_post_process(hf_folders, name):
+def test_contract_and_equals_post_process(hf_folders, name, one_thread):
     k = 8
     det = build_detector(f"hf:{hf_folders[name]}", topk=k)
     assert isinstance(det, FrozenDetector)
-    assert det.query_dim == 32
-    assert [lv.name for lv in det.levels][0] == "b4" and det.levels[0].stride == 4
-    assert all(lv.name.startswith("e") for lv in det.levels[1:]) and len(det.levels) >= 2
+    assert det.query_dim == WIDTH
+    default = [n for n in LEVELS[name] if n == "b4" or n.startswith("e")]
+    assert [lv.name for lv in det.levels] == default
+    det = build_detector(f"hf:{hf_folders[name]}", topk=k, levels=LEVELS[name])
     images = _images()
     outs = det.detect(images)
     assert len(outs) == 2
@@ -145,20 +134,15 @@ def test_contract_and_equals_post_process(hf_folders, name):
         assert o.boxes.shape == (k, 4) and o.boxes.dtype == torch.float32
         assert o.scores.shape == (k,) and o.scores.dtype == torch.float32
         assert o.labels.shape == (k,) and o.labels.dtype == torch.int64
-        assert o.queries.shape == (k, 32) and o.queries.dtype == torch.float32
+        assert o.queries.shape == (k, WIDTH) and o.queries.dtype == torch.float32
         assert torch.all(o.scores[:-1] >= o.scores[1:])
         assert torch.all(o.boxes[:, 0] >= 0) and torch.all(o.boxes[:, 2] <= W0)
         assert torch.all(o.boxes[:, 1] >= 0) and torch.all(o.boxes[:, 3] <= H0)
-        assert torch.all(o.boxes[:, 2] >= o.boxes[:, 0]) and torch.all(o.boxes[:, 3] >= o.boxes[:, 1])
         assert set(o.labels.tolist()) <= {0, 1, 2}
-        assert list(o.features) == [lv.name for lv in det.levels]
-        for lv in det.levels:
-            f = o.features[lv.name]
-            assert f.dtype == torch.float32
-            assert f.shape == (lv.channels, -(-h_in // lv.stride), -(-w_in // lv.stride)), lv
 
-        # equal to HF post-processing, and queries are the decoder's last hidden state of each box's query
-        ref_out, ref, enc = _reference(hf_folders[name], name, im, k)
+        # equal to the processor's post-processing; queries = the decoder's last hidden state of each box
+        ref_model, ref_out, ref, enc = _reference(hf_folders[name], name, im, k)
+        assert tuple(enc["pixel_values"].shape[-2:]) == (h_in, w_in)
         rb = ref["boxes"].clone()
         rb[:, 0::2] = rb[:, 0::2].clamp(0, W0)
         rb[:, 1::2] = rb[:, 1::2].clamp(0, H0)
@@ -167,11 +151,45 @@ def test_contract_and_equals_post_process(hf_folders, name):
         torch.testing.assert_close(o.boxes, rb, rtol=0, atol=1e-4)
         q = o.extras["query_index"]
         torch.testing.assert_close(o.queries, ref_out.last_hidden_state[0, q], rtol=0, atol=1e-5)
-        if name == "detr":
+        if det.score_kind == "softmax":
+            assert ref_out.logits.shape[-1] == len(ref_model.config.id2label) + 1  # a no-object column
             prob = ref_out.logits[0].softmax(-1)[q, o.labels]
         else:
             prob = ref_out.logits[0].sigmoid()[q, o.labels]
         torch.testing.assert_close(o.scores, prob, rtol=0, atol=1e-6)
+        _check_levels(det, o, ref_model, ref_out, enc, name)
+
+
+def test_rt_detr_without_focal_loss_ranks_like_its_processor(tmp_path, one_thread):
+    # use_focal_loss=False: RTDetrImageProcessor means the softmax without the last column, best class/query
+    # (transformers 5.x calls softmax without dim=, i.e. over the batch: every score is 1 for one image; the
+    # reference here is the intended per-query softmax over classes)
+    folder = save_tiny("rt_detr", tmp_path / "rt")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["use_focal_loss"] = False
+    (folder / "config.json").write_text(json.dumps(cfg))
+    det = build_detector(f"hf:{folder}", topk=QUERIES)
+    assert det.score_kind == "softmax"
+    im = _images()[0]
+    (o,) = det.detect([im])
+    _, out, _, _ = _reference(folder, "rt_detr", im, QUERIES)
+    scores, labels = out.logits[0].softmax(-1)[:, :-1].max(-1)
+    order = scores.argsort(descending=True, stable=True)
+    torch.testing.assert_close(o.scores, scores[order], rtol=0, atol=1e-6)
+    assert torch.equal(o.labels, labels[order]) and set(o.labels.tolist()) <= {0, 1}
+    assert torch.equal(o.extras["query_index"], order)
+
+
+def test_a_model_lacking_what_the_mask_network_needs_is_a_clear_error(tmp_path):
+    # YOLOS: an object-detection head whose last_hidden_state is the ViT's whole token sequence (no decoder)
+    folder = tmp_path / "yolos"
+    cfg = transformers.YolosConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=16, image_size=[32, 32], patch_size=16,
+                                   num_detection_tokens=4, id2label={0: "disc"})
+    transformers.YolosForObjectDetection(cfg).save_pretrained(folder)
+    transformers.YolosImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}).save_pretrained(folder)
+    with pytest.raises(MfdetrError, match="YolosForObjectDetection.*last_hidden_state has .* rows"):
+        build_detector(f"hf:{folder}")
 
 
 @pytest.mark.parametrize("name", ["detr", "deformable_detr_two_stage", "rt_detr"])

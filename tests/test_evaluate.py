@@ -20,9 +20,12 @@ from torch import nn
 
 from mfdetr.cache.batch import collate_records
 from mfdetr.detectors.base import LevelSpec
-from mfdetr.evaluate.coco_results import load_coco, run_cocoeval
-from mfdetr.evaluate.evaluation import check_compatible, evaluate_batches
 from mfdetr.errors import MfdetrError
+from mfdetr.evaluate.coco_eval import run_cocoeval
+from mfdetr.evaluate.config import EvalConfig
+from mfdetr.evaluate.evaluation import evaluate_batches
+from mfdetr.evaluate.gt import load_ground_truth
+from mfdetr.evaluate.meta import check_compatible
 
 LEVELS = [LevelSpec("p8", 8, 4)]
 M = 28
@@ -64,16 +67,35 @@ def rle_str(m: np.ndarray) -> dict:
 
 # (image id, (h, w), [(kind, box, cat, iscrowd)], [(kind, box, cat, det score, iou_pred)])
 SCENE = [
-    (1, (40, 60), [("ellipse", (5, 4, 35, 30), 1, 0), ("rect", (38, 10, 58, 36), 2, 0)],
-     [("ellipse", (5.4, 4.2, 35.3, 29.6), 1, 0.9, 0.8), ("rect", (38, 10.5, 57.5, 36), 2, 0.8, 0.9),
-      ("rect", (0, 0, 12, 12), 2, 0.3, 0.2)]),
-    (2, (48, 64), [("ellipse", (10, 8, 40, 40), 2, 0), ("rect", (44, 2, 62, 20), 1, 1)],
-     [("ellipse", (9.7, 8.3, 40.2, 39.8), 2, 0.95, 0.95), ("rect", (44.5, 2.5, 61.5, 19.5), 1, 0.7, 0.9)]),
+    (
+        1,
+        (40, 60),
+        [("ellipse", (5, 4, 35, 30), 1, 0), ("rect", (38, 10, 58, 36), 2, 0)],
+        [
+            ("ellipse", (5.4, 4.2, 35.3, 29.6), 1, 0.9, 0.8),
+            ("rect", (38, 10.5, 57.5, 36), 2, 0.8, 0.9),
+            ("rect", (0, 0, 12, 12), 2, 0.3, 0.2),
+        ],
+    ),
+    (
+        2,
+        (48, 64),
+        [("ellipse", (10, 8, 40, 40), 2, 0), ("rect", (44, 2, 62, 20), 1, 1)],
+        [("ellipse", (9.7, 8.3, 40.2, 39.8), 2, 0.95, 0.95), ("rect", (44.5, 2.5, 61.5, 19.5), 1, 0.7, 0.9)],
+    ),
     (3, (30, 30), [], [("rect", (3, 3, 20, 20), 1, 0.6, 0.5)]),  # no GT: all false positives
     (4, (50, 45), [("rect", (5, 5, 30, 40), 1, 0)], []),  # GT, no detection
-    (5, (45, 70), [("ellipse", (-3, 20, 25, 47), 1, 0), ("rect", (50, -2, 72, 30), 2, 0)],  # cross borders
-     [("ellipse", (0, 20, 25, 45), 1, 0.85, 0.9), ("rect", (50, 0, 70, 30), 2, 0.75, 0.7),
-      ("ellipse", (30, 5, 48, 25), 1, 0.5, 0.4), ("rect", (5, 5, 15, 15), 2, 0.2, 0.9)]),
+    (
+        5,
+        (45, 70),
+        [("ellipse", (-3, 20, 25, 47), 1, 0), ("rect", (50, -2, 72, 30), 2, 0)],  # cross borders
+        [
+            ("ellipse", (0, 20, 25, 45), 1, 0.85, 0.9),
+            ("rect", (50, 0, 70, 30), 2, 0.75, 0.7),
+            ("ellipse", (30, 5, 48, 25), 1, 0.5, 0.4),
+            ("rect", (5, 5, 15, 15), 2, 0.2, 0.9),
+        ],
+    ),
 ]
 
 
@@ -91,9 +113,23 @@ def write_scene(root: Path, scene=SCENE) -> Path:
         for kind, box, cat, crowd in gts:
             m = shape_mask(kind, box, h, w)
             ys, xs = np.nonzero(m)
-            bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": cat, "segmentation": rle_str(m),
-                         "area": float(m.sum()), "bbox": bbox, "iscrowd": crowd})
+            bbox = [
+                float(xs.min()),
+                float(ys.min()),
+                float(xs.max() - xs.min() + 1),
+                float(ys.max() - ys.min() + 1),
+            ]
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": iid,
+                    "category_id": cat,
+                    "segmentation": rle_str(m),
+                    "area": float(m.sum()),
+                    "bbox": bbox,
+                    "iscrowd": crowd,
+                }
+            )
     cats = [{"id": 1, "name": "ellipse-ish"}, {"id": 2, "name": "box-ish"}]
     path = root / "annotations.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
@@ -113,11 +149,21 @@ def scene_records(scene=SCENE):
             labels[k] = cat
             queries[k, 0] = float(kind == "rect")
             queries[k, 1] = iou
-        recs.append({
-            "index": i, "image_id": iid, "orig_size": (h, w), "input_size": (h, w), "scale": (1.0, 1.0),
-            "num_boxes": len(dets), "boxes": boxes, "scores": scores, "labels": labels, "queries": queries,
-            "features": {"p8": torch.zeros(4, (h + 7) // 8, (w + 7) // 8)},
-        })
+        recs.append(
+            {
+                "index": i,
+                "image_id": iid,
+                "orig_size": (h, w),
+                "input_size": (h, w),
+                "scale": (1.0, 1.0),
+                "num_boxes": len(dets),
+                "boxes": boxes,
+                "scores": scores,
+                "labels": labels,
+                "queries": queries,
+                "features": {"p8": torch.zeros(4, (h + 7) // 8, (w + 7) // 8)},
+            }
+        )
     return recs
 
 
@@ -137,33 +183,41 @@ def independent_cocoeval(ann_path: Path, results_path: Path, iou_type: str) -> l
     return [float(v) for v in ev.stats]
 
 
-def run(tmp_path: Path, scene=SCENE, **kw):
+def run(tmp_path: Path, scene=SCENE, paste_on_device=None, **kw):
     ann = write_scene(tmp_path / "data", scene)
-    gt = load_coco(ann)
-    opts = dict(annotations=ann, images_root=str(tmp_path / "data" / "images"), workers=0, progress=False)
-    opts.update(kw)
-    summary = evaluate_batches(OracleMaskNet(), scene_batches(scene=scene), gt, tmp_path / "out", **opts)
-    return ann, summary
+    gt = load_ground_truth(ann)
+    cfg = EvalConfig(**{"workers": 0, "progress": False, **kw})
+    res = evaluate_batches(
+        OracleMaskNet(),
+        scene_batches(scene=scene),
+        gt,
+        tmp_path / "out",
+        cfg,
+        images_root=str(tmp_path / "data" / "images"),
+        paste_on_device=paste_on_device,
+    )
+    return ann, res
 
 
 def test_summary_equals_independent_pycocotools(tmp_path):
-    ann, summary = run(tmp_path, per_category=True)
+    ann, res = run(tmp_path, per_category=True, evaluator="pycocotools")
     out = tmp_path / "out"
     for iou_type, fname in (("segm", "results_segm.json"), ("bbox", "results_bbox.json")):
         ref = independent_cocoeval(ann, out / fname, iou_type)
-        ours = list(summary[iou_type].values())
+        ours = list(getattr(res.metrics, iou_type).stats.values())
         assert ours == pytest.approx(ref, abs=1e-12), iou_type
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["segm"]["AP"] == summary["segm"]["AP"]
-    assert set(summary["per_category"]["segm"]) == {1, 2}
+    assert saved["segm"]["AP"] == res.mask_ap == res.metrics.segm.stats["AP"]
+    assert set(res.metrics.segm.per_category) == {1, 2}
     # the oracle masks are near perfect: mask AP is close to the box AP (misses and FPs cap both)
-    assert summary["segm"]["AP"] >= 0.85 * summary["bbox"]["AP"] > 0.5
-    assert summary["num_images"] == 5
-    assert "mask" in summary["table"] and "box" in summary["table"] and "ellipse-ish" in summary["table"]
+    assert res.mask_ap >= 0.85 * res.box_ap > 0.5
+    assert res.num_images == 5
+    table = res.table()
+    assert "mask" in table and "box" in table and "ellipse-ish" in table
 
 
 def test_results_format_and_mask_scoring(tmp_path):
-    _, summary = run(tmp_path, topk=2)
+    _, _ = run(tmp_path, topk=2)
     res = json.loads((tmp_path / "out" / "results_segm.json").read_text())
     boxes = json.loads((tmp_path / "out" / "results_bbox.json").read_text())
     by_img = {}
@@ -203,7 +257,9 @@ def test_masks_equal_dense_reference(tmp_path):
         gx = (torch.arange(w, dtype=torch.float64) + 0.5 - x0) / (x1 - x0) * 2 - 1
         grid = torch.stack([gx[None].expand(h, w), gy[:, None].expand(h, w)], -1)[None]
         ref = F.grid_sample(prob[None, None], grid, align_corners=False)[0, 0].numpy() >= 0.5
-        got = mask_util.decode({"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()})
+        got = mask_util.decode(
+            {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}
+        )
         assert (got.astype(bool) == ref).all()
 
 
@@ -231,28 +287,28 @@ def test_crowd_detections_are_ignored(tmp_path):
     _, with_crowd_det = run(tmp_path / "a", scene=scene)
     scene_wo = [(iid, hw, gts, dets[:1]) for iid, hw, gts, dets in scene]
     _, without = run(tmp_path / "b", scene=scene_wo)
-    assert with_crowd_det["segm"]["AP"] == pytest.approx(without["segm"]["AP"])
-    assert with_crowd_det["segm"]["AP"] > 0.9
+    assert with_crowd_det.mask_ap == pytest.approx(without.mask_ap)
+    assert with_crowd_det.mask_ap > 0.9
 
 
 def test_no_detections_anywhere(tmp_path):
     scene = [(iid, hw, gts, []) for iid, hw, gts, _ in SCENE]
-    _, summary = run(tmp_path, scene=scene, per_category=True)
-    assert summary["num_detections"] == 0
-    assert summary["segm"]["AP"] == 0.0 and summary["bbox"]["AP"] == 0.0
+    _, res = run(tmp_path, scene=scene, per_category=True)
+    assert res.num_detections == 0
+    assert res.mask_ap == 0.0 and res.box_ap == 0.0
     assert json.loads((tmp_path / "out" / "results_segm.json").read_text()) == []
 
 
 def test_no_gt_images_only(tmp_path):
     ann = write_scene(tmp_path, [s for s in SCENE if s[0] == 3])
-    gt = load_coco(ann)
+    gt = load_ground_truth(ann)
     res = run_cocoeval(gt, [], "segm", [3])
-    assert res["stats"]["AP"] == -1.0
+    assert res.stats["AP"] == -1.0
 
 
 def test_vis_overlays(tmp_path):
-    _, summary = run(tmp_path, vis=2)
-    files = summary["files"]["vis"]
+    _, res = run(tmp_path, vis=2)
+    files = res.files["vis"]
     assert len(files) == 2
     with Image.open(files[0]) as im:
         assert im.size == (60, 40)  # image 1 is 40 x 60 (h, w)
@@ -262,16 +318,53 @@ def test_vis_overlays(tmp_path):
 
 def test_unknown_image_id_is_a_clear_error(tmp_path):
     ann = write_scene(tmp_path / "data", SCENE[:2])
-    gt = load_coco(ann)
+    gt = load_ground_truth(ann)
     with pytest.raises(MfdetrError, match="not in"):
-        evaluate_batches(OracleMaskNet(), scene_batches(), gt, tmp_path / "out", annotations=ann, workers=0, progress=False)
+        evaluate_batches(
+            OracleMaskNet(), scene_batches(), gt, tmp_path / "out", EvalConfig(workers=0, progress=False)
+        )
 
 
 def test_checkpoint_cache_mismatch():
-    attrs = {"detector": {"spec": "a", "fingerprint": "f" * 64, "levels": [{"name": "p8", "stride": 8, "channels": 4}]}}
+    attrs = {
+        "detector": {
+            "spec": "a",
+            "fingerprint": "f" * 64,
+            "levels": [{"name": "p8", "stride": 8, "channels": 4}],
+        }
+    }
     ok = {"detector": {"spec": "a", "fingerprint": "f" * 64}, "levels": [LevelSpec("p8", 8, 4)]}
     check_compatible(ok, attrs, "c", Path("k"))
     with pytest.raises(MfdetrError, match="fingerprint"):
         check_compatible({"detector": {"spec": "b", "fingerprint": "e" * 64}}, attrs, "c", Path("k"))
     with pytest.raises(MfdetrError, match="level"):
-        check_compatible({"detector": {"fingerprint": "f" * 64}, "levels": [LevelSpec("p16", 16, 4)]}, attrs, "c", Path("k"))
+        check_compatible(
+            {"detector": {"fingerprint": "f" * 64}, "levels": [LevelSpec("p16", 16, 4)]},
+            attrs,
+            "c",
+            Path("k"),
+        )
+
+
+def test_faster_evaluator_equals_pycocotools_on_our_results(tmp_path):
+    """The default evaluator (faster-coco-eval) gives pycocotools' segm and bbox stats on our results."""
+    _, fast = run(tmp_path / "a", per_category=True)
+    _, ref = run(tmp_path / "b", per_category=True, evaluator="pycocotools")
+    assert fast.metrics.evaluator == "faster" and ref.metrics.evaluator == "pycocotools"
+    for name in ("segm", "bbox"):
+        a, b = getattr(fast.metrics, name), getattr(ref.metrics, name)
+        assert a.stats == pytest.approx(b.stats, abs=1e-4), name
+        assert a.per_category == pytest.approx(b.per_category, abs=1e-4), name
+    assert 0.5 < fast.mask_ap < 0.95
+    assert fast.boundary_ap is not None and fast.boundary_ap <= fast.mask_ap
+
+
+@pytest.mark.parametrize("evaluator", ["faster", "pycocotools"])
+def test_topk_below_100_gives_a_real_ap(tmp_path, evaluator):
+    """pycocotools' summarize reads AP at maxDets == 100 only: a top-k of 2 used to report AP = -1."""
+    ann, res = run(tmp_path, topk=2, evaluator=evaluator)
+    ref = independent_cocoeval(
+        ann, tmp_path / "out" / "results_segm.json", "segm"
+    )  # maxDets 100, <= 2 per image
+    assert res.mask_ap is not None
+    assert res.metrics.segm.stats["AP"] == pytest.approx(ref[0], abs=1e-4)

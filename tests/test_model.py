@@ -48,6 +48,7 @@ VARIANTS = [
     {"levels": ["s8", "s16"]},
     {"mask_upsample": 2, "iou_head": False},
     {"box_dim": 0},
+    {"query_prior": 8},
 ]
 
 

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_util
 
 from mfdetr.evaluate.coco_results import encode_crops, encode_full
-from mfdetr.evaluate.paste import Crop, box_extent, crops_to_full, paste_box_np, paste_crops_np, paste_masks_torch
+from mfdetr.evaluate.paste import (
+    Crop,
+    box_extent,
+    crops_to_full,
+    paste_box_np,
+    paste_crops_np,
+    paste_masks_torch,
+)
 
 
 def naive_paste_f64(prob: np.ndarray, box, height: int, width: int) -> np.ndarray:
@@ -102,7 +109,9 @@ def test_paste_torch_chunked_equals_np(case):
     probs, boxes, height, width = case
     np_crops = paste_crops_np(probs, boxes, height, width, 0.5)
     for mem_limit in (1 << 30, 4000):  # one chunk; many small chunks
-        t_crops = paste_masks_torch(torch.from_numpy(probs), torch.from_numpy(boxes).float(), height, width, 0.5, mem_limit)
+        t_crops = paste_masks_torch(
+            torch.from_numpy(probs), torch.from_numpy(boxes).float(), height, width, 0.5, mem_limit
+        )
         a = crops_to_full(np_crops, height, width)
         b = crops_to_full(t_crops, height, width)
         mismatch = (a != b).sum()
@@ -116,7 +125,9 @@ def test_paste_degenerate_boxes():
     for box in ([5, 5, 5, 9], [5, 5, 9, 5], [-10, -10, -1, -1], [60, 5, 70, 9], [9, 9, 3, 3]):
         (crop,) = paste_crops_np(prob[None], np.array([box], float), 20, 30)
         assert not crop.mask.any()
-        (tcrop,) = paste_masks_torch(torch.from_numpy(prob[None]), torch.tensor([box], dtype=torch.float32), 20, 30)
+        (tcrop,) = paste_masks_torch(
+            torch.from_numpy(prob[None]), torch.tensor([box], dtype=torch.float32), 20, 30
+        )
         assert not tcrop.mask.any()
     assert paste_masks_torch(torch.zeros(0, 8, 8), torch.zeros(0, 4), 20, 30) == []
 
@@ -132,7 +143,9 @@ def test_paste_close_to_torchvision():
     boxes = np.array([[10.0, 12.0, 70.0, 60.0], [-10.0, 30.0, 40.0, 95.0], [55.5, 40.25, 99.0, 79.75]])
     height, width = 80, 100
     ours = crops_to_full(paste_crops_np(np.repeat(prob[None], 3, 0), boxes, height, width), height, width)
-    tv = paste_masks_in_image(torch.from_numpy(np.repeat(prob[None, None], 3, 0)), torch.from_numpy(boxes).float(), (height, width))
+    tv = paste_masks_in_image(
+        torch.from_numpy(np.repeat(prob[None, None], 3, 0)), torch.from_numpy(boxes).float(), (height, width)
+    )
     tv = (tv[:, 0] >= 0.5).numpy()
     for a, b in zip(ours, tv):
         iou = (a & b).sum() / (a | b).sum()

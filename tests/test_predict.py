@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pycocotools import mask as mask_util
 
-from tests.fake_detector import SPEC
-
 from mfdetr.errors import MfdetrError
+from mfdetr.evaluate.config import EvalConfig, PredictConfig
+from tests.fake_detector import SPEC
 
 TOPK = 12
 
@@ -26,24 +26,46 @@ def trained(tmp_path_factory):
     from mfdetr.cache.schema import ExtractOptions
     from mfdetr.data.synth import make_synth
     from mfdetr.extract.loop import extract
-    from mfdetr.train.loop import TrainConfig, train_from_cache
     from mfdetr.model.config import MaskNetConfig
+    from mfdetr.train.config import TrainConfig
+    from mfdetr.train.loop import train_from_cache
 
     root = tmp_path_factory.mktemp("e2e")
     info = make_synth(root / "data", train=6, val=3, size=64, seed=3, workers=1)
     opts = ExtractOptions(topk=TOPK, mask_size=16, dtype="float32")
     caches = {}
     for split in ("train", "val"):
-        res = extract(SPEC, info[split]["images"], info[split]["annotations"], out=str(root / f"{split}.zarr"),
-                      opts=opts, workers=0, progress=False)
+        res = extract(
+            SPEC,
+            info[split]["images"],
+            info[split]["annotations"],
+            out=str(root / f"{split}.zarr"),
+            opts=opts,
+            workers=0,
+            progress=False,
+        )
         caches[split] = res.path
     cfg = TrainConfig(
-        model=MaskNetConfig(dim=16, box_dim=16, roi_size=8, mask_upsample=2, image_encoder_depth=1,
-                            coarse_attn_layers=0, box_encoder_layers=1, object_attn_layers=1),
-        epochs=1, batch_size=3, warmup_iters=1, workers=0, device="cpu", threads=1, log_every=100,
+        model=MaskNetConfig(
+            dim=16,
+            box_dim=16,
+            roi_size=8,
+            mask_upsample=2,
+            image_encoder_depth=1,
+            coarse_attn_layers=0,
+            box_encoder_layers=1,
+            object_attn_layers=1,
+        ),
+        epochs=1,
+        batch_size=3,
+        warmup_iters=1,
+        workers=0,
+        device="cpu",
+        threads=1,
+        log_every=100,
     )
     run = train_from_cache(caches["train"], root / "run", cfg, progress=False)
-    return {"root": root, "info": info, "caches": caches, "ckpt": Path(run["checkpoint"])}
+    return {"root": root, "info": info, "caches": caches, "ckpt": Path(run.checkpoint)}
 
 
 def _by_image(results, key):
@@ -66,10 +88,14 @@ def test_predict_equals_evaluate(trained, tmp_path):
     from mfdetr.evaluate.prediction import predict
 
     val = trained["info"]["val"]
-    summary = evaluate(trained["caches"]["val"], trained["ckpt"], out=tmp_path / "eval", topk=TOPK, workers=0,
-                       vis=1, progress=False)
-    assert summary["num_images"] == 3
-    assert len(summary["files"]["vis"]) == 1 and Path(summary["files"]["vis"][0]).is_file()
+    summary = evaluate(
+        trained["caches"]["val"],
+        trained["ckpt"],
+        EvalConfig(topk=TOPK, workers=0, vis=1, progress=False),
+        out=tmp_path / "eval",
+    )
+    assert summary.num_images == 3
+    assert len(summary.files["vis"]) == 1 and Path(summary.files["vis"][0]).is_file()
     ev = json.loads((tmp_path / "eval" / "results_segm.json").read_text())
 
     ds = CocoDataset(Path(val["annotations"]), Path(val["images"]))
@@ -77,7 +103,14 @@ def test_predict_equals_evaluate(trained, tmp_path):
     files = {im["id"]: Path(val["images"]) / im["file_name"] for im in gt["images"]}
     ids = sorted(files)
     images = [files[i] for i in ids]
-    pred = predict(None, trained["ckpt"], images, tmp_path / "pred", score_threshold=0.0, topk=TOPK, progress=False)
+    pred = predict(
+        trained["ckpt"],
+        images,
+        tmp_path / "pred",
+        PredictConfig(score_threshold=0.0, topk=TOPK, progress=False),
+    )
+    assert pred.num_images == len(images) and pred.skipped == []
+    pred = pred.results
     assert (tmp_path / "pred" / "predictions.json").is_file()
     assert len(list((tmp_path / "pred" / "vis").glob("*.png"))) == len(images)
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text()) == pred
@@ -93,7 +126,10 @@ def test_predict_equals_evaluate(trained, tmp_path):
             assert rb["category_name"] == names[ra["category_id"]]
             assert rb["bbox"] == pytest.approx(ra["bbox"], abs=1e-3)
             assert rb["score"] == pytest.approx(ra["score"], abs=1e-5)
-            assert rb["segmentation"] == ra["segmentation"] or _iou(ra["segmentation"], rb["segmentation"]) >= 0.99
+            assert (
+                rb["segmentation"] == ra["segmentation"]
+                or _iou(ra["segmentation"], rb["segmentation"]) >= 0.99
+            )
 
 
 def test_cli_evaluate_and_predict(trained, tmp_path):
@@ -103,8 +139,24 @@ def test_cli_evaluate_and_predict(trained, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "eval"
-    r = runner.invoke(app, ["evaluate", "--cache", trained["caches"]["val"], "--checkpoint", str(trained["ckpt"]),
-                            "--out", str(out), "--workers", "1", "--per-category", "--no-mask-score", "--topk", "5"])
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--cache",
+            trained["caches"]["val"],
+            "--checkpoint",
+            str(trained["ckpt"]),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--per-category",
+            "--no-mask-score",
+            "--topk",
+            "5",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "mask" in r.output and "box" in r.output
     summary = json.loads((out / "summary.json").read_text())
@@ -114,8 +166,21 @@ def test_cli_evaluate_and_predict(trained, tmp_path):
     assert max(len(v) for v in _by_image(res, "image_id").values()) <= 5
 
     images = Path(trained["info"]["val"]["images"])
-    r = runner.invoke(app, ["predict", str(images), "--checkpoint", str(trained["ckpt"]), "--detector", SPEC,
-                            "--out", str(tmp_path / "pred"), "--score-threshold", "0.2"])
+    r = runner.invoke(
+        app,
+        [
+            "predict",
+            str(images),
+            "--checkpoint",
+            str(trained["ckpt"]),
+            "--detector",
+            SPEC,
+            "--out",
+            str(tmp_path / "pred"),
+            "--score-threshold",
+            "0.2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     pred = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert all(p["score"] >= 0.2 for p in pred)
@@ -135,18 +200,153 @@ def test_checkpoint_from_another_detector(trained, tmp_path):
 
     bad = _tampered(trained["ckpt"], tmp_path, fingerprint="0" * 64)
     with pytest.raises(MfdetrError, match="fingerprint"):
-        evaluate(trained["caches"]["val"], bad, out=tmp_path / "e", workers=0, progress=False)
+        evaluate(trained["caches"]["val"], bad, EvalConfig(workers=0, progress=False), out=tmp_path / "e")
     img = next(Path(trained["info"]["val"]["images"]).iterdir())
     with pytest.raises(MfdetrError, match="fingerprint"):
-        predict(None, bad, [img], tmp_path / "p", progress=False)
+        predict(bad, [img], tmp_path / "p", PredictConfig(progress=False))
     with pytest.warns(UserWarning, match="fingerprint"):
-        predict(None, bad, [img], tmp_path / "p", allow_detector_mismatch=True, progress=False)
+        predict(bad, [img], tmp_path / "p", PredictConfig(allow_detector_mismatch=True, progress=False))
 
 
 def test_predict_bad_inputs(trained, tmp_path):
     from mfdetr.evaluate.prediction import predict
 
     with pytest.raises(MfdetrError, match="does not exist"):
-        predict(None, trained["ckpt"], [tmp_path / "nope.png"], tmp_path / "p", progress=False)
+        predict(trained["ckpt"], [tmp_path / "nope.png"], tmp_path / "p", PredictConfig(progress=False))
     with pytest.raises(MfdetrError, match="checkpoint"):
-        predict(None, tmp_path / "missing.pt", [tmp_path], tmp_path / "p", progress=False)
+        predict(tmp_path / "missing.pt", [tmp_path], tmp_path / "p", PredictConfig(progress=False))
+
+
+# ------------------------------------------------------------------ evaluators and CLI errors
+def test_faster_and_pycocotools_agree_on_our_results(trained, tmp_path):
+    from mfdetr.evaluate.evaluation import evaluate
+
+    runs = {}
+    for ev in ("faster", "pycocotools"):
+        cfg = EvalConfig(topk=TOPK, workers=0, progress=False, evaluator=ev, per_category=True)
+        runs[ev] = evaluate(trained["caches"]["val"], trained["ckpt"], cfg, out=tmp_path / ev)
+    a, b = runs["faster"].metrics, runs["pycocotools"].metrics
+    assert a.segm.stats == pytest.approx(b.segm.stats, abs=1e-4)
+    assert a.bbox.stats == pytest.approx(b.bbox.stats, abs=1e-4)
+    assert a.segm.per_category == pytest.approx(b.segm.per_category, abs=1e-4)
+    assert runs["faster"].boundary_ap is not None and runs["pycocotools"].boundary_ap is None
+    saved = json.loads((tmp_path / "faster" / "summary.json").read_text())
+    assert {"mask_ap", "box_ap", "boundary_ap", "occluded_ap", "boundary", "occluded"} <= set(saved)
+    assert saved["boundary_ap"] == runs["faster"].boundary_ap
+
+
+def cli(args, capsys) -> tuple[int, str, str]:
+    """Run ``mfdetr ARGS`` through the console-script entry point; (exit code, stdout, stderr)."""
+    import sys
+
+    from mfdetr.cli import main
+
+    old, sys.argv = sys.argv, ["mfdetr", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def assert_clean_error(code: int, out: str, err: str, *must: str) -> None:
+    assert code == 2, (out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in out + err
+    assert all(m in err for m in must), err
+
+
+def _eval_args(trained, out, *extra):
+    return [
+        "evaluate",
+        "--cache",
+        trained["caches"]["val"],
+        "--checkpoint",
+        trained["ckpt"],
+        "--out",
+        out,
+        "--workers",
+        "0",
+        *extra,
+    ]
+
+
+def test_cli_evaluate_invalid_json(trained, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [\n  {"id": 1, "height": 64\n]}')
+    code, out, err = cli(_eval_args(trained, tmp_path / "e", "--annotations", bad), capsys)
+    assert_clean_error(code, out, err, str(bad), "line 3", "column 1")
+
+
+def test_cli_out_under_a_file_or_read_only(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    (tmp_path / "f.txt").write_text("x")
+    under_file = tmp_path / "f.txt" / "sub"
+    code, out, err = cli(_eval_args(trained, under_file), capsys)
+    assert_clean_error(code, out, err, "--out", str(under_file))
+    images = trained["info"]["val"]["images"]
+    pred = ["predict", images, "--checkpoint", trained["ckpt"], "--detector", SPEC]
+    code, out, err = cli([*pred, "--out", under_file], capsys)
+    assert_clean_error(code, out, err, "--out", str(under_file))
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("mfdetr.evaluate.config.tempfile.mkstemp", read_only)
+    code, out, err = cli(_eval_args(trained, tmp_path / "ro"), capsys)
+    assert_clean_error(code, out, err, "--out", "Read-only file system")
+    code, out, err = cli([*pred, "--out", tmp_path / "ro2"], capsys)
+    assert_clean_error(code, out, err, "--out", "Read-only file system")
+
+
+def test_cli_evaluate_degenerate_gt(trained, tmp_path, capsys):
+    val = json.loads(Path(trained["info"]["val"]["annotations"]).read_text())
+    a, b = val["annotations"][0], val["annotations"][1]
+    a["segmentation"] = [[1.0, 1.0, 9.0, 9.0]]  # 2 points
+    b["segmentation"] = []
+    ann = tmp_path / "degenerate.json"
+    ann.write_text(json.dumps(val))
+    for ev in ("faster", "pycocotools"):
+        code, out, err = cli(
+            _eval_args(trained, tmp_path / ev, "--annotations", ann, "--evaluator", ev), capsys
+        )
+        assert code == 0, err
+        assert (
+            "warning:" in err
+            and f"annotation id {a['id']}" in err
+            and f"annotation id {b['id']}" in err
+            and "Traceback" not in err
+        )
+        assert "mask" in out and "box" in out and ("boundary" in out) == (ev == "faster")
+        saved = json.loads((tmp_path / ev / "summary.json").read_text())
+        assert saved["degenerate_annotations"] == [a["id"], b["id"]]
+
+
+def test_cli_predict_truncated_jpeg(trained, tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(trained["info"]["val"]["images"], folder)
+    good = sorted(folder.iterdir())
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (folder / "broken.jpg").write_bytes(data[: len(data) // 2])
+    args = ["predict", folder, "--checkpoint", trained["ckpt"], "--detector", SPEC, "--score-threshold", "0"]
+    code, out, err = cli([*args, "--out", tmp_path / "p1"], capsys)
+    assert_clean_error(code, out, err, "broken.jpg", "--skip-bad")
+    assert "skip_bad" not in err
+
+    code, out, err = cli([*args, "--out", tmp_path / "p2", "--skip-bad"], capsys)
+    assert code == 0, err
+    assert "warning:" in err and "broken.jpg" in err and "Traceback" not in err
+    pred = json.loads((tmp_path / "p2" / "predictions.json").read_text())
+    assert {p["file_name"] for p in pred} == {str(p) for p in good}
+    assert len(list((tmp_path / "p2" / "vis").glob("*.png"))) == len(good)

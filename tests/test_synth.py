@@ -68,7 +68,8 @@ def test_coco_valid_masks_inside_boxes(synth_dir, split):
         assert m[y:y + h, x:x + w].sum() == m.sum()  # inside the box
         assert m[y].any() and m[y + h - 1].any() and m[:, x].any() and m[:, x + w - 1].any()  # tight
     for img in coco.imgs.values():
-        assert Image.open(synth_dir / split / "images" / img["file_name"]).size == (img["width"], img["height"])
+        size = Image.open(synth_dir / split / "images" / img["file_name"]).size
+        assert size == (img["width"], img["height"])
     if split == "train":
         assert len({a["category_id"] for a in coco.anns.values()}) >= 6
 

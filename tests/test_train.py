@@ -5,26 +5,33 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.synth_batches import LEVELS, SyntheticCache
-
 from mfdetr.detectors.base import LevelSpec
-from mfdetr.train.schedule import lr_factor
-from mfdetr.train.loop import TrainConfig, train_from_cache, train_select, val_select
 from mfdetr.errors import MfdetrError
 from mfdetr.model.checkpoint import load_mask_net, read_checkpoint
 from mfdetr.model.config import LossConfig, MaskNetConfig
+from mfdetr.train.config import TrainConfig
+from mfdetr.train.loop import train_from_cache
+from mfdetr.train.schedule import lr_factor
+from mfdetr.train.selection import train_select, val_select
+from tests.synth_batches import LEVELS, SyntheticCache
 
 
 def small_cfg(**kw) -> TrainConfig:
     base = dict(
         model=MaskNetConfig(dim=32, box_dim=16, roi_size=16, fcn_roi_size=8, fcn_dim=16),
         loss=LossConfig(num_points=128),
-        epochs=2, batch_size=4, lr=2e-3, warmup_iters=2, workers=0, threads=1, device="cpu", log_every=1,
+        epochs=2,
+        batch_size=4,
+        lr=2e-3,
+        warmup_iters=2,
+        workers=0,
+        threads=1,
+        device="cpu",
+        log_every=1,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -38,9 +45,16 @@ def tiny_cache(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_train_cache")
     images, ann = make_small_synth(root / "data", n=12, size=96, seed=5)
-    res = extract(SPEC, images, ann, out=str(root / "train.zarr"),
-                  opts=ExtractOptions(topk=8, block=4, mask_size=16, levels=["f4", "f8", "f16"]),
-                  batch_size=4, workers=0, progress=False)
+    res = extract(
+        SPEC,
+        images,
+        ann,
+        out=str(root / "train.zarr"),
+        opts=ExtractOptions(topk=8, block=4, mask_size=16, levels=["f4", "f8", "f16"]),
+        batch_size=4,
+        workers=0,
+        progress=False,
+    )
     assert res.images_done == 12
     # stage two must need none of these: the image folder and the annotation file go away
     shutil.rmtree(images)
@@ -63,16 +77,42 @@ def test_trains_from_a_real_cache_alone_then_resumes_from_the_cli(tiny_cache, tm
     from mfdetr.cli import app
 
     out = tmp_path / "run"
-    args = ["train-from-cache", "--cache", tiny_cache, "--out", str(out), "--epochs", "1", "--batch-size", "4",
-            "--workers", "1", "--device", "cpu", "--threads", "1", "--val-cache", tiny_cache, "--no-progress",
-            "--set", "model.dim=16", "--set", "model.box_dim=8", "--set", "model.roi_size=8",
-            "--set", "loss.num_points=64", "--set", "warmup_iters=1"]
+    args = [
+        "train-from-cache",
+        "--cache",
+        tiny_cache,
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--val-cache",
+        tiny_cache,
+        "--no-progress",
+        "--set",
+        "model.dim=16",
+        "--set",
+        "model.box_dim=8",
+        "--set",
+        "model.roi_size=8",
+        "--set",
+        "loss.num_points=64",
+        "--set",
+        "warmup_iters=1",
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "val mean mask IoU" in r.output
     ck = out / "checkpoints"
     assert {p.name for p in ck.iterdir()} == {"epoch_001.pt", "last.pt", "best.pt"}
-    # a second epoch through --resume (the schedule now spans 2 epochs: allowed, the model config is unchanged)
+    # a second epoch through --resume (the schedule now spans 2 epochs: allowed, the model config is the same)
     args2 = args[:5] + ["--resume", "--epochs", "2"] + args[7:]
     args2[args2.index("--workers") + 1] = "0"  # (any worker count resumes the same run)
     r2 = CliRunner().invoke(app, args2)
@@ -107,15 +147,15 @@ def test_resume_gives_the_uninterrupted_loss_sequence_and_weights(tmp_path):
     cfg = small_cfg(epochs=2)
     full = train_from_cache(ds, tmp_path / "a", cfg, val_cache=val, progress=False)
     steps_per_epoch = 4
-    assert full["steps"] == 2 * steps_per_epoch and len(full["losses"]) == 8
+    assert full.steps == 2 * steps_per_epoch and len(full.losses) == 8
 
     # "1 epoch, then killed": a run dir whose last checkpoint is the one after epoch 1
     b = tmp_path / "b"
     (b / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp_path / "a" / "checkpoints" / "epoch_001.pt", b / "checkpoints" / "last.pt")
     res = train_from_cache(ds, b, cfg, val_cache=val, resume=True, progress=False)
-    assert res["resumed_from"] == 1
-    assert res["losses"] == full["losses"][steps_per_epoch:]  # bitwise-equal floats
+    assert res.resumed_from == 1
+    assert res.losses == full.losses[steps_per_epoch:]  # bitwise-equal floats
     wa = read_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
     wb = read_checkpoint(b / "checkpoints" / "last.pt")
     for k, v in wa["model"].items():
@@ -126,7 +166,7 @@ def test_resume_gives_the_uninterrupted_loss_sequence_and_weights(tmp_path):
 
     # resuming a finished run does nothing
     again = train_from_cache(ds, b, cfg, val_cache=val, resume=True, progress=False)
-    assert again["losses"] == [] and again["steps"] == 8
+    assert again.losses == [] and again.steps == 8
 
 
 def test_preloaded_cache_trains_exactly_like_the_streamed_one(tiny_cache, tmp_path):
@@ -140,17 +180,29 @@ def test_preloaded_cache_trains_exactly_like_the_streamed_one(tiny_cache, tmp_pa
     assert isinstance(mem, InMemoryDataset) and len(mem) == len(ds) and mem.compact  # a float16 cache
     for j in (0, len(ds) - 1):
         a, b = ds[j], mem[j]
-        assert all(torch.equal(a["features"][k], b["features"][k]) and b["features"][k].dtype == torch.float32
-                   for k in a["features"])
+        assert all(
+            torch.equal(a["features"][k], b["features"][k]) and b["features"][k].dtype == torch.float32
+            for k in a["features"]
+        )
         assert torch.equal(a["queries"], b["queries"]) and torch.equal(a["mask_targets"], b["mask_targets"])
     assert 0 < estimate_bytes(ds) < len(ds) * sum(v.nbytes for v in ds[0]["features"].values())  # compact
     model = MaskNetConfig(dim=16, box_dim=8, roi_size=8)
     kw = dict(model=model, loss=LossConfig(num_points=64), epochs=2, batch_size=4, warmup_iters=1, threads=1)
-    streamed = train_from_cache(tiny_cache, tmp_path / "s", small_cfg(preload="off", workers=1, **kw),
-                                val_cache=tiny_cache, progress=False)
-    held = train_from_cache(tiny_cache, tmp_path / "m", small_cfg(preload="on", workers=1, **kw),
-                            val_cache=tiny_cache, progress=False)
-    assert held["losses"] == streamed["losses"] and held["val_miou"] == streamed["val_miou"]
+    streamed = train_from_cache(
+        tiny_cache,
+        tmp_path / "s",
+        small_cfg(preload="off", workers=1, **kw),
+        val_cache=tiny_cache,
+        progress=False,
+    )
+    held = train_from_cache(
+        tiny_cache,
+        tmp_path / "m",
+        small_cfg(preload="on", workers=1, **kw),
+        val_cache=tiny_cache,
+        progress=False,
+    )
+    assert held.losses == streamed.losses and held.val_miou == streamed.val_miou
     wa = read_checkpoint(tmp_path / "s" / "checkpoints" / "last.pt")["model"]
     wb = read_checkpoint(tmp_path / "m" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -160,14 +212,16 @@ def test_a_different_seed_gives_a_different_run(tmp_path):
     ds = SyntheticCache(8)
     a = train_from_cache(ds, tmp_path / "a", small_cfg(epochs=1, seed=0), progress=False)
     b = train_from_cache(ds, tmp_path / "b", small_cfg(epochs=1, seed=1), progress=False)
-    assert a["losses"] != b["losses"]
+    assert a.losses != b.losses
 
 
 # --------------------------------------------------------------------------- clear errors
 def test_config_and_checkpoint_mismatches_are_clear_errors(tmp_path):
     ds = SyntheticCache(8)
     with pytest.raises(MfdetrError, match=r"level\(s\) \['e8'\].*has levels.*s4"):
-        train_from_cache(ds, tmp_path / "x", small_cfg(model=MaskNetConfig(levels=["s4", "e8"])), progress=False)
+        train_from_cache(
+            ds, tmp_path / "x", small_cfg(model=MaskNetConfig(levels=["s4", "e8"])), progress=False
+        )
 
     run = tmp_path / "run"
     train_from_cache(ds, run, small_cfg(epochs=1), progress=False)
@@ -175,11 +229,15 @@ def test_config_and_checkpoint_mismatches_are_clear_errors(tmp_path):
         train_from_cache(ds, run, small_cfg(epochs=1), progress=False)
     # other channels on a level the checkpoint uses
     other = SyntheticCache(8, levels=[LEVELS[0], LevelSpec("s8", 8, 20), LEVELS[2]])
-    with pytest.raises(MfdetrError, match=r"trained on level \{'name': 's8', 'stride': 8, 'channels': 12\}.*'channels': 20"):
+    with pytest.raises(
+        MfdetrError, match=r"trained on level \{'name': 's8', 'stride': 8, 'channels': 12\}.*'channels': 20"
+    ):
         train_from_cache(other, run, small_cfg(epochs=2), resume=True, progress=False)
     # other query width
     with pytest.raises(MfdetrError, match="queries of width 16 but .* query_dim 24"):
-        train_from_cache(SyntheticCache(8, query_dim=24), run, small_cfg(epochs=2), resume=True, progress=False)
+        train_from_cache(
+            SyntheticCache(8, query_dim=24), run, small_cfg(epochs=2), resume=True, progress=False
+        )
     # another cache of the same shapes (fingerprint)
     with pytest.raises(MfdetrError, match="fingerprint"):
         train_from_cache(SyntheticCache(8, seed=3), run, small_cfg(epochs=2), resume=True, progress=False)
@@ -214,14 +272,19 @@ def test_train_select_caps_matched_and_unmatched_boxes():
         torch.manual_seed(seed)
         s = train_select({"valid": valid[:1], "match_ann_id": dup}, max_matched=2, n_unmatched=0)
         assert s[0, 3] and s[0, :3].sum() == 1
-    none = train_select({"valid": torch.zeros(2, 3, dtype=torch.bool), "match_ann_id": torch.full((2, 3), -1)}, 4, 1)
+    none = train_select(
+        {"valid": torch.zeros(2, 3, dtype=torch.bool), "match_ann_id": torch.full((2, 3), -1)}, 4, 1
+    )
     assert int(none.sum()) == 1  # never empty
 
 
 def test_val_select_takes_each_objects_best_box_first():
     valid = torch.ones(1, 6, dtype=torch.bool)
-    batch = {"valid": valid, "match_ann_id": torch.tensor([[5, 5, 7, 5, -1, 7]]),
-             "scores": torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.95, 0.5]])}
+    batch = {
+        "valid": valid,
+        "match_ann_id": torch.tensor([[5, 5, 7, 5, -1, 7]]),
+        "scores": torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.95, 0.5]]),
+    }
     assert val_select(batch, 2)[0].tolist() == [True, False, True, False, False, False]
     assert val_select(batch, 3)[0].tolist() == [True, True, True, False, False, False]
     assert val_select(batch, 0)[0].tolist() == [True, True, True, True, False, True]

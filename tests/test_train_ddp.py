@@ -27,23 +27,36 @@ def _rank_main(out: str) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from tests.synth_batches import SyntheticCache
-    from mfdetr.train.loop import TrainConfig, train_from_cache
     from mfdetr.model.config import LossConfig, MaskNetConfig
+    from mfdetr.train.config import TrainConfig
+    from mfdetr.train.loop import train_from_cache
+    from tests.synth_batches import SyntheticCache
 
     cfg = TrainConfig(
-        model=MaskNetConfig(dim=32, box_dim=16, roi_size=16), loss=LossConfig(num_points=128),
-        epochs=2, batch_size=4, lr=2e-3, warmup_iters=1, workers=0, device="cpu", log_every=1,
+        model=MaskNetConfig(dim=32, box_dim=16, roi_size=16),
+        loss=LossConfig(num_points=128),
+        epochs=2,
+        batch_size=4,
+        lr=2e-3,
+        warmup_iters=1,
+        workers=0,
+        device="cpu",
+        log_every=1,
     )
-    res = train_from_cache(SyntheticCache(16), Path(out) / "run", cfg, val_cache=SyntheticCache(4, seed=9),
-                           progress=False)
+    res = train_from_cache(
+        SyntheticCache(16), Path(out) / "run", cfg, val_cache=SyntheticCache(4, seed=9), progress=False
+    )
     rank = int(os.environ["RANK"])
     from mfdetr.model.checkpoint import read_checkpoint
 
     ck = read_checkpoint(Path(out) / "run" / "checkpoints" / "last.pt") if rank == 0 else None
     info = {
-        "rank": rank, "world": int(os.environ["WORLD_SIZE"]), "steps": res["steps"], "losses": res["losses"],
-        "threads": torch.get_num_threads(), "val_miou": res["val_miou"],
+        "rank": rank,
+        "world": int(os.environ["WORLD_SIZE"]),
+        "steps": res.steps,
+        "losses": res.losses,
+        "threads": torch.get_num_threads(),
+        "val_miou": res.val_miou,
         "ckpt_world": ck["world"] if ck else None,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(info))
@@ -53,8 +66,20 @@ def test_two_process_gloo_ddp_trains(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "tests.test_train_ddp", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "tests.test_train_ddp",
+        str(tmp_path),
+    ]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())

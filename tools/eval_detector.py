@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Box AP (pycocotools) of a frozen detector spec on a synth val split or a COCO split.
+"""Box AP (faster-coco-eval; pycocotools with --evaluator) of a detector spec on a synth val or a COCO split.
 
-    python tools/eval_detector.py shapes --seed 1234 --images 300          # the shipped detector's acceptance check
+    python tools/eval_detector.py shapes --seed 1234 --images 300   # the shipped detector's acceptance check
     python tools/eval_detector.py hf:PATH --annotations A.json --image-dir DIR [--label-map M.json]
 
 With ``--seed``, ``make_synth(DIR, train=0, val=N, seed=SEED)`` is generated into ``--data`` (default
@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec")
-    ap.add_argument("--seed", type=int, default=None, help="evaluate a fresh make_synth val split of this seed")
+    ap.add_argument(
+        "--seed", type=int, default=None, help="evaluate a fresh make_synth val split of this seed"
+    )
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--size", type=int, default=192)
     ap.add_argument("--data", type=Path, default=None)
@@ -35,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--evaluator", choices=["faster", "pycocotools"], default="faster")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from mfdetr.detectors.registry import build_detector
-    from mfdetr.detectors.shapes import box_ap
+    from mfdetr.evaluate.coco_eval import detector_box_ap
 
     if args.seed is not None:
         from mfdetr.data.synth import make_synth
@@ -56,9 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     categories = json.loads(Path(ann).read_text())["categories"]
     det = build_detector(args.spec, categories=categories, topk=args.topk, label_map=args.label_map)
     t = time.time()
-    res = box_ap(det, ann, img_dir, limit=limit, batch=args.batch)
-    res.update({"spec": args.spec, "annotations": str(ann), "seconds": round(time.time() - t, 1),
-                "fingerprint": det.fingerprint})
+    res = detector_box_ap(det, ann, img_dir, limit=limit, batch=args.batch, evaluator=args.evaluator)
+    res.update(
+        {
+            "spec": args.spec,
+            "annotations": str(ann),
+            "seconds": round(time.time() - t, 1),
+            "fingerprint": det.fingerprint,
+            "evaluator": args.evaluator,
+        }
+    )
     if args.seed is not None:
         res["synth"] = {"seed": args.seed, "val": args.images, "size": args.size}
     print(json.dumps(res, indent=2))

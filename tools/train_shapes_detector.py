@@ -132,7 +132,7 @@ def ensure_data(root: Path, train: int, val: int, size: int, seed: int) -> None:
 
 def load_split(split_dir: Path, size: int, limit: int | None = None):
     """Images as one uint8 tensor [N,3,S,S] and targets (model label index, normalized cxcywh)."""
-    from PIL import Image
+    from mfdetr.data.image_io import load_image
 
     ann = json.loads((split_dir / "annotations.json").read_text())
     cats = sorted(ann["categories"], key=lambda c: c["id"])
@@ -146,7 +146,7 @@ def load_split(split_dir: Path, size: int, limit: int | None = None):
     pix = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
     targets = []
     for i, im in enumerate(images):
-        arr = np.asarray(Image.open(split_dir / "images" / im["file_name"]).convert("RGB"))
+        arr = load_image(split_dir / "images" / im["file_name"]).permute(1, 2, 0).numpy()
         h, w = arr.shape[:2]
         if (h, w) != (size, size):
             raise SystemExit(f"{im['file_name']}: {h}x{w}, expected {size}x{size}")

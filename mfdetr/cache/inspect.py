@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from mfdetr.cache.integrity import (
+    Layout,
+    Problem,
+    block_problems,
+    check_metadata,
+    check_objects,
+    DamagedCacheError,
+    describe,
+    expected_metadata,
+    read_manifest,
+)
 from mfdetr.cache.reader import CacheDataset, cache_meta, open_cache
 from mfdetr.cache.schema import FEAT_GROUP, array_specs
 from mfdetr.cache.writer import decode_float
+from mfdetr.errors import MfdetrError
 
 
 def _disk_usage(path: str) -> tuple[int | None, dict[str, int]]:
@@ -50,6 +63,21 @@ def raw_float32_bytes(meta: dict[str, Any], feat_sizes: np.ndarray | None = None
     return total
 
 
+def _estimated_total(meta: dict[str, Any], done_sizes: np.ndarray, bpi: float | None) -> dict[str, Any]:
+    """The whole dataset's cache size: measured bytes per done image x images (when some are done) and
+    the schema's estimate under the cache's options (at the done images' mean input size, else padded)."""
+    from mfdetr.cache.schema import estimate_image_bytes
+
+    n = int(meta["dataset"]["num_images"])
+    if len(done_sizes):
+        hw = (int(round(float(done_sizes[:, 0].mean()))), int(round(float(done_sizes[:, 1].mean()))))
+    else:
+        lv0 = meta["detector"]["levels"][0]
+        hw = tuple(int(v) * int(lv0["stride"]) for v in meta["padded"][lv0["name"]])
+    est = estimate_image_bytes(meta["detector"]["levels"], hw, int(meta["detector"]["query_dim"]), meta["options"])
+    return {"images": n, "measured": None if bpi is None else bpi * n, "schema": est["total"] * n}
+
+
 def cache_info(path: Any) -> dict[str, Any]:
     """Progress, sizes and provenance of a cache.
 
@@ -80,6 +108,7 @@ def cache_info(path: Any) -> dict[str, Any]:
         "bytes_per_image": bpi,
         "raw_float32_per_image": raw,
         "ratio_to_raw_float32": (bpi / raw) if bpi else None,
+        "estimated_bytes_total": _estimated_total(meta, np.asarray(g["input_size"][:])[done & ~bad], bpi),
         "bytes_by_array": per,
         "detector": meta["detector"],
         "dataset": meta["dataset"],
@@ -89,12 +118,7 @@ def cache_info(path: Any) -> dict[str, Any]:
     }
 
 
-def _check_image(ds: CacheDataset, meta: dict[str, Any], i: int, cat_ids: set[int]) -> list[str]:
-    where = f"image position {i}"
-    try:
-        raw = ds.raw_at(i)
-    except Exception as e:
-        return [f"{where}: cannot read/decode: {type(e).__name__}: {e}"]
+def _check_image(ds: CacheDataset, meta: dict[str, Any], i: int, cat_ids: set[int], raw: Any) -> list[str]:
     where = f"image position {i} (id {int(raw['image_id'])})"
     out: list[str] = []
     k = int(meta["options"]["topk"])
@@ -144,38 +168,116 @@ def _check_image(ds: CacheDataset, meta: dict[str, Any], i: int, cat_ids: set[in
     return out
 
 
-def verify(path: Any, max_images: int | None = None) -> list[str]:
-    """Problems found in a cache (empty list = healthy): array shapes/dtypes against the schema, and
-    for every done image (or the first ``max_images``): it decodes, values are finite, sizes agree,
-    padding is zero, padded rows are empty, image ids increase with the position."""
+@dataclass
+class IntegrityReport:
+    """``verify_report``'s answer: every problem, and how many images are done."""
+
+    path: str
+    images_total: int
+    images_done: int
+    images_bad: int
+    quick: bool
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _with_ids(g: Any, layout: Layout, problems: list[Problem]) -> None:
+    for p in problems:
+        if p.positions is not None and p.image_ids is None:
+            try:
+                p.image_ids = [int(v) for v in np.asarray(g["image_id"][p.positions[0]:p.positions[1]])]
+            except Exception:
+                pass
+
+
+def verify_report(path: Any, quick: bool = False, max_images: int | None = None) -> IntegrityReport:
+    """Every problem of a cache: metadata files, array shapes, done blocks against their integrity
+    manifest (``quick``: presence + sizes; else crc32c too), then (not ``quick``) every done image
+    decodes and is sane (finite, sizes agree, zero padding, empty pad rows, ids increase), and a
+    partial store (not every image done) is a problem too."""
     path = str(path)
-    problems: list[str] = []
-    g = open_cache(path)
+    try:
+        g = open_cache(path)
+    except MfdetrError as e:
+        return IntegrityReport(path, 0, 0, 0, quick, [Problem("metadata", str(e), key="zarr.json")])
     meta = cache_meta(g)
+    n = int(meta["dataset"]["num_images"])
+    rep = IntegrityReport(path, n, 0, 0, quick)
     for spec in array_specs(meta):
         try:
             a = g[spec.name]
         except KeyError:
-            problems.append(f"array {spec.name} is missing")
+            rep.problems.append(Problem("missing", "array is missing", spec.name))
             continue
         if tuple(a.shape) != spec.shape or np.dtype(a.dtype) != np.dtype(spec.dtype):
-            problems.append(f"array {spec.name} is {tuple(a.shape)} {a.dtype}, expected {spec.shape} {spec.dtype}")
-    if problems:
-        return problems
-    ds = CacheDataset(path, load_targets=True)
-    done = np.asarray(g["done"][:], bool)
-    bad = np.asarray(g["bad"][:], bool)
-    ids = np.asarray(g["image_id"][:])
+            rep.problems.append(Problem("metadata", f"is {tuple(a.shape)} {a.dtype}, expected {spec.shape} "
+                                        f"{spec.dtype}", spec.name))
+    if rep.problems:
+        return rep
+    try:
+        done = np.asarray(g["done"][:], bool)
+        bad = np.asarray(g["bad"][:], bool)
+    except Exception as e:
+        rep.problems.append(Problem("decode", f"the done/bad flags cannot be read: {describe(e)}", "done"))
+        return rep
+    rep.images_done, rep.images_bad = int(done.sum()), int((done & bad).sum())
+    layout = Layout(g, meta)
+    manifest = read_manifest(g)
+    rep.problems += check_metadata(g.store, expected_metadata(g, layout))
+    if manifest is None:
+        rep.problems.append(Problem("no-manifest", "no integrity manifest (written by an older mfdetr): missing "
+                                    "objects read as zeros undetected; `mfdetr extract ... --repair` adds one"))
+    blocks = block_problems(layout, manifest, done, bad)
+    rep.problems += [blocks[b] for b in sorted(blocks)]
+    objs: list[Problem] = []
+    if manifest is not None:
+        ok_blocks = [b for b in range(layout.num_blocks) if b not in blocks
+                     and bool(done[slice(*layout.positions(b))].all())]
+        objs = check_objects(g.store, layout, manifest, ok_blocks, full=not quick)
+    bad_blocks = set(blocks) | {p.block for p in objs if p.kind != "checksum"}
+    images = [] if quick else _check_images(path, meta, done, bad, bad_blocks, layout.block, max_images)
+    decoded_bad = {p.block for p in images}
+    rep.problems += [p for p in objs if p.kind != "checksum" or p.block not in decoded_bad] + images
+    _with_ids(g, layout, rep.problems)
+    ids = np.asarray(g["image_id"][:]) if not blocks and not objs else None
     pos = np.flatnonzero(done)
-    if len(pos) > 1:
-        d = np.diff(ids[pos])
-        if (d <= 0).any():
-            j = int(np.flatnonzero(d <= 0)[0])
-            problems.append(f"image ids do not increase with position at positions {pos[j]}, {pos[j + 1]}")
+    if ids is not None and len(pos) > 1 and (np.diff(ids[pos]) <= 0).any():
+        j = int(np.flatnonzero(np.diff(ids[pos]) <= 0)[0])
+        rep.problems.append(Problem("content", f"image ids do not increase with position at positions {pos[j]}, "
+                                    f"{pos[j + 1]}", "image_id"))
+    if rep.images_done < n:
+        rep.problems.append(Problem("partial", f"only {rep.images_done} of {n} images are done: the extract is "
+                                    "incomplete (rerun the same `mfdetr extract` to finish it)", "done"))
+    return rep
+
+
+def _check_images(path: str, meta: dict[str, Any], done: np.ndarray, bad: np.ndarray, skip: set[Any],
+                  block: int, max_images: int | None) -> list[Problem]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = CacheDataset(path, load_targets=True, skip_damaged=True)
     cat_ids = {int(c["id"]) for c in meta["dataset"].get("categories", [])}
-    good = np.flatnonzero(done & ~bad)
+    good = [int(i) for i in np.flatnonzero(done & ~bad) if i // block not in skip]
     if max_images is not None:
         good = good[:max_images]
+    out = []
     for i in good:
-        problems += _check_image(ds, meta, int(i), cat_ids)
-    return problems
+        try:
+            raw = ds.raw_at(i)
+        except DamagedCacheError as e:
+            msg = f"image position {i}: cannot read/decode: {str(e).split('; repair it with')[0]}"
+            out.append(Problem("decode", msg, (e.arrays or [None])[0], i // block, (i, i + 1)))
+            continue
+        for msg in _check_image(ds, meta, i, cat_ids, raw):
+            out.append(Problem("content", msg, None, i // block, (i, i + 1)))
+    return out
+
+
+def verify(path: Any, max_images: int | None = None, quick: bool = False) -> list[str]:
+    """``verify_report``'s problems as lines (empty list = healthy and complete)."""
+    return [str(p) for p in verify_report(path, quick=quick, max_images=max_images).problems]

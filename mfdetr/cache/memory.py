@@ -11,13 +11,13 @@ holds) and converted to float32 per access, so a preloaded run equals a streamed
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mfdetr.cache.loader import make_loader
+from mfdetr.utils.progress import progress_bar
 
 _COMPACT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -92,19 +92,20 @@ class InMemoryDataset(Dataset):
         return getattr(self.base, name)
 
 
-def preload(ds: Any, workers: int = 2, progress: bool = True, desc: str = "preload") -> InMemoryDataset:
+def preload(ds: Any, workers: int = 2, progress: bool = True, desc: str = "preload",
+            skip_damaged: bool = False) -> InMemoryDataset:
     """Decode every record of ``ds`` once (``workers`` processes) and return them as an
     ``InMemoryDataset``, in dataset order."""
     dtype = compact_dtype(ds)
+    if skip_damaged and hasattr(ds, "skip_damaged"):
+        ds.skip_damaged = True  # damaged records come back as None (with a warning): left out here
     loader: DataLoader = make_loader(ds, batch_size=16, workers=workers, collate_fn=_as_list, persistent=False)
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(ds), desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False)
+        bar = progress_bar(total=len(ds), desc=desc)
     records: list[dict[str, Any]] = []
     for chunk in loader:
-        records.extend(_compact(r, dtype) for r in chunk)
+        records.extend(_compact(r, dtype) for r in chunk if r is not None)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:

@@ -32,6 +32,7 @@ SCHEMA_VERSION = 1
 ATTR_KEY = "mfdetr"  # group attribute holding the metadata dict (written last at creation)
 INCOMPLETE_KEY = "mfdetr_incomplete"  # group attribute while the arrays are being created
 FEAT_GROUP = "feat"
+QPARAM_GROUP = "qparams"  # per-image quantization parameters of quant="int8"
 
 # storage dtype name -> (numpy dtype on disk, max BitRound keepbits)
 STORAGE_DTYPES: dict[str, tuple[str, int]] = {
@@ -95,6 +96,12 @@ class ExtractOptions:
     block: images per shard; one writer owns whole blocks (the unit of work, resume and ownership).
         None = auto (``auto_block``): the power of two giving about 32 MB of uncompressed
         features per shard, between 8 and 64; the resolved value is what the cache records.
+    Storage levers (``mfdetr/cache/storage.py``; recorded only when set, so older fingerprints hold):
+    quant: None | "int8" (affine per image and channel) | "int8-calib" (per channel, calibrated once)
+        quantization of the feature maps to ``quant_bits`` bits (2..8) stored as uint8.
+    project: {level: width}: PCA projection of a level to ``width`` channels (fitted at the start).
+    box_mask: levels kept only inside the union of the kept boxes grown by ``box_margin`` cells.
+    calib_images: images of the calibration sample (the first ones) for project / int8-calib.
     """
 
     topk: int = 100
@@ -106,6 +113,12 @@ class ExtractOptions:
     mask_size: int = 64
     match: MatchOptions = field(default_factory=MatchOptions)
     block: int | None = None
+    quant: Literal["int8", "int8-calib"] | None = None
+    quant_bits: int = 8
+    project: dict[str, int] | None = None
+    box_mask: list[str] | None = None
+    box_margin: int = 2
+    calib_images: int = 16
 
     def validate(self) -> "ExtractOptions":
         """Raise MfdetrError on an inconsistent option; return self."""
@@ -129,11 +142,45 @@ class ExtractOptions:
             raise MfdetrError(f"match.iou_threshold must be in [0, 1], got {self.match.iou_threshold}")
         if self.levels is not None and len(self.levels) == 0:
             raise MfdetrError("levels must name at least one level (or be left unset for the default)")
+        self._validate_storage()
         return self
 
+    def _validate_storage(self) -> None:
+        if self.quant is not None and self.quant not in QUANT_MODES:
+            raise MfdetrError(f"quant {self.quant!r} is not one of {list(QUANT_MODES)} (or unset)")
+        if not 2 <= self.quant_bits <= 8:
+            raise MfdetrError(f"quant_bits must be in 2..8, got {self.quant_bits}")
+        for name, width in (self.project or {}).items():
+            if not isinstance(width, int) or width < 1:
+                raise MfdetrError(f"project.{name} must be a positive channel count, got {width!r}")
+        if self.box_margin < 0:
+            raise MfdetrError(f"box_margin must be >= 0 cells, got {self.box_margin}")
+        if self.calib_images < 1:
+            raise MfdetrError(f"calib_images must be >= 1, got {self.calib_images}")
+        if self.levels is not None:
+            for key, names in (("project", list(self.project or {})), ("box_mask", self.box_mask or [])):
+                bad = [n for n in names if n not in self.levels]
+                if bad:
+                    raise MfdetrError(f"{key} names level(s) {bad} that are not in levels {self.levels}")
+
     def to_attrs(self) -> dict[str, Any]:
-        """JSON dict stored in the group attributes (and hashed into the fingerprint)."""
-        return dataclasses.asdict(self)
+        """JSON dict stored in the group attributes (and hashed into the fingerprint). Storage levers
+        at their defaults are left out, so caches made before they existed keep their fingerprints."""
+        d = dataclasses.asdict(self)
+        for key, default in _STORAGE_DEFAULTS.items():
+            if d[key] == default or (key in ("project", "box_mask") and not d[key]):
+                del d[key]
+        if not d.get("quant"):
+            d.pop("quant_bits", None)
+        if not (d.get("project") or d.get("quant") == "int8-calib"):
+            d.pop("calib_images", None)
+        if not d.get("box_mask"):
+            d.pop("box_margin", None)
+        return d
+
+
+QUANT_MODES = ("int8", "int8-calib")
+_STORAGE_DEFAULTS = {"quant": None, "quant_bits": 8, "project": None, "box_mask": None}
 
 
 AUTO_BLOCK_BYTES = 32 << 20
@@ -141,12 +188,13 @@ AUTO_BLOCK_RANGE = (8, 64)
 
 
 def auto_block(levels: list[dict[str, Any]], padded: dict[str, list[int]], topk: int, query_dim: int,
-               dtype: str) -> int:
+               dtype: str, feat_itemsize: int | None = None) -> int:
     """Block size for ``block=None``: the largest power of two with <= 32 MB of (uncompressed,
     padded, storage-dtype) feature maps + queries per shard, clamped to 8..64 images."""
     itemsize = 4 if dtype == "float32" else 2
-    per_image = itemsize * (topk * query_dim + sum(
-        int(lv["channels"]) * padded[lv["name"]][0] * padded[lv["name"]][1] for lv in levels))
+    fsize = itemsize if feat_itemsize is None else feat_itemsize
+    per_image = itemsize * topk * query_dim + fsize * sum(
+        int(lv["channels"]) * padded[lv["name"]][0] * padded[lv["name"]][1] for lv in levels)
     lo, hi = AUTO_BLOCK_RANGE
     b = lo
     while b * 2 <= hi and b * 2 * per_image <= AUTO_BLOCK_BYTES:
@@ -210,12 +258,17 @@ def array_specs(meta: dict[str, Any]) -> list[ArraySpec]:
         big("labels", (k,), "int64", fill=-1),
         big("queries", (k, d), store_dtype, lossy=True, attributes=logical),
     ]
+    quant = opts.get("quant")
+    feat_dtype = "uint8" if quant else store_dtype
+    feat_attrs = {**logical, "mfdetr_quant": quant} if quant else logical
     for lv in levels:
         h, w = meta["padded"][lv["name"]]
         specs.append(
-            big(f"{FEAT_GROUP}/{lv['name']}", (int(lv["channels"]), h, w), store_dtype, lossy=True,
-                attributes=logical)
+            big(f"{FEAT_GROUP}/{lv['name']}", (int(lv["channels"]), h, w), feat_dtype, lossy=not quant,
+                attributes=feat_attrs)
         )
+        if quant == "int8":  # per image and channel (lo, step)
+            specs.append(big(f"{QPARAM_GROUP}/{lv['name']}", (int(lv["channels"]), 2), "float32"))
     specs += [
         big("match_ann_id", (k,), "int64", fill=-1),
         big("match_iou", (k,), "float32"),
@@ -271,3 +324,38 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
         if key not in meta:
             raise MfdetrError(f"{where}: cache metadata lacks {key!r} (corrupt store?)")
     return meta
+
+
+def _float_factor(dtype: str, keepbits: int | None, codec: str) -> float:
+    """Assumed compressed / uncompressed ratio of float maps: lossless codecs barely shrink float
+    activations (1.0); BitRound keeps sign + exponent + keepbits of the bits, which zstd finds."""
+    if keepbits is None or codec == "none":
+        return 1.0
+    exp = {"float16": 5, "bfloat16": 8, "float32": 8}[dtype]
+    return (1 + exp + int(keepbits)) / (8 * np.dtype(STORAGE_DTYPES[dtype][0]).itemsize)
+
+
+def estimate_image_bytes(levels: list[dict[str, Any]], input_size: tuple[int, int], query_dim: int,
+                         opts: dict[str, Any]) -> dict[str, float]:
+    """Estimated stored bytes of one image's arrays, from the schema's dtypes and shapes: feature maps at
+    their true size for ``input_size`` (``levels`` with the STORED channel counts, i.e. after any
+    projection), queries, per-box arrays, bit-packed mask targets, quantization parameters. Upper
+    bound for box masking (the kept-box area is data dependent). Keys: array names, and "total"."""
+    dtype, codec = opts["dtype"], opts["codec"]
+    item = np.dtype(STORAGE_DTYPES[dtype][0]).itemsize
+    ffac = _float_factor(dtype, opts.get("keepbits"), codec)
+    quant = opts.get("quant")
+    qfac = 1.0 if codec == "none" or not quant else int(opts.get("quant_bits", 8) or 8) / 8
+    k, m = int(opts["topk"]), int(opts["mask_size"])
+    out: dict[str, float] = {"queries": k * query_dim * item * ffac,
+                             "boxes+scores+labels+match": k * (16 + 4 + 8 + 8 + 4),
+                             "mask_targets": k * m * (m // 8)}
+    h_in, w_in = input_size
+    for lv in levels:
+        s, c = int(lv["stride"]), int(lv["channels"])
+        cells = c * math.ceil(h_in / s) * math.ceil(w_in / s)
+        out[f"{FEAT_GROUP}/{lv['name']}"] = cells * (qfac if quant else item * ffac)
+        if quant == "int8":
+            out[f"{QPARAM_GROUP}/{lv['name']}"] = c * 8
+    out["total"] = float(sum(out.values()))
+    return out

@@ -33,6 +33,7 @@ from mfdetr.cache.schema import (
     codecs_for,
     quiet_zarr,
 )
+from mfdetr.cache.integrity import MANIFEST, Layout, create_manifest, record_block, rewrite_root
 from mfdetr.errors import MfdetrError
 
 
@@ -161,14 +162,44 @@ def _create_array(g: zarr.Group, spec: ArraySpec, opts: dict[str, Any]) -> None:
             ) from None
 
 
+def _check_root(path: str, meta: dict[str, Any], repair: bool) -> None:
+    """A root ``zarr.json`` that is unreadable, or lost its ``mfdetr`` attribute while arrays exist, is
+    rewritten with ``repair`` (the caller vouches the store is this extraction's), else refused."""
+    lp = local_path(path)
+    if lp is not None and not (lp / "zarr.json").exists():
+        if not (lp / "done" / "zarr.json").exists():
+            return  # nothing (or not a cache) there: creation decides
+        why = "is missing"
+    else:
+        try:
+            g = zarr.open_group(store_arg(path), mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return
+        except Exception as e:
+            why = f"is damaged ({type(e).__name__}: {e})"
+        else:
+            if g.attrs.get(ATTR_KEY) is not None or g.attrs.get(INCOMPLETE_KEY) is not None or "done" not in g:
+                return
+            why = f"has lost its '{ATTR_KEY}' attribute"
+    if not repair:
+        raise MfdetrError(
+            f"metadata file {str(path).rstrip('/')}/zarr.json {why}: if this store was written by this same "
+            "extract command, rerun it with --repair (rewrites the metadata from these options); otherwise "
+            "delete the store or choose another --out"
+        )
+    rewrite_root(store_arg(path), meta)
+
+
 @quiet_zarr()
-def create_or_open(path: str, meta: dict[str, Any], create: bool = True) -> zarr.Group:
+def create_or_open(path: str, meta: dict[str, Any], create: bool = True, repair: bool = False) -> zarr.Group:
     """Open the store at ``path`` for writing the cache described by ``meta``, creating it if absent.
 
     Raises MfdetrError when the path holds another cache (different fingerprint, with what differs),
-    something that is not an mfdetr cache, or (``create=False``) nothing.
+    something that is not an mfdetr cache, or (``create=False``) nothing. A damaged root ``zarr.json``
+    is an error, rewritten instead with ``repair``.
     """
     fp = meta["fingerprint"]
+    _check_root(path, meta, repair)
     lp = local_path(path)
     if lp is not None:
         _check_local_target(lp)
@@ -190,6 +221,11 @@ def create_or_open(path: str, meta: dict[str, Any], create: bool = True) -> zarr
         if create and g.metadata.consolidated_metadata is None:  # killed right after creation: finish it
             zarr.consolidate_metadata(store_arg(path))
             g = zarr.open_group(store_arg(path), mode="r+")
+        if create and MANIFEST not in g:  # a cache from before integrity manifests: add one
+            create_manifest(g, meta)
+            zarr.consolidate_metadata(store_arg(path))
+            g = zarr.open_group(store_arg(path), mode="r+")
+            BlockWriter(g, meta).adopt_done_blocks()
         return g
     if not create:
         raise MfdetrError(f"{path} is not a complete mfdetr cache yet (rank 0 should have created it)")
@@ -209,6 +245,7 @@ def create_or_open(path: str, meta: dict[str, Any], create: bool = True) -> zarr
         pass  # a concurrent job just made it
     for spec in array_specs(meta):
         _create_array(g, spec, meta["options"])
+    create_manifest(g, meta)
     g.attrs.put({ATTR_KEY: meta})
     zarr.consolidate_metadata(store_arg(path))
     return zarr.open_group(store_arg(path), mode="r+")
@@ -274,6 +311,7 @@ class BlockWriter:
         self.n = int(meta["dataset"]["num_images"])
         self.block = int(meta["options"]["block"])
         self._arrays = {s.name: group[s.name] for s in self.specs}
+        self.layout = Layout(group, meta)
 
     @property
     def num_blocks(self) -> int:
@@ -314,8 +352,28 @@ class BlockWriter:
                   for spec in self.specs if spec.name != "done")
             )
 
-        sync(_all())  # every data array of the block (concurrently), then:
+        sync(_all())  # every data array of the block (concurrently), then what they stored, then:
+        self.group[MANIFEST][buf.block] = record_block(self.group.store, self.layout, buf.block)
         self._arrays["done"][s:e] = np.ones(e - s, dtype=bool)
+
+    def clear_blocks(self, blocks: list[int]) -> None:
+        """Mark blocks not done (then drop their manifests), so that the run rewrites them whole."""
+        from zarr.core.sync import sync
+
+        for b in blocks:
+            s, e = self.block_range(b)
+            self._arrays["done"][s:e] = np.zeros(e - s, dtype=bool)
+            self.group[MANIFEST][b] = 0
+            for name in self.layout.names:  # Zarr merges a shard write into a damaged old shard: drop it
+                sync(self.group.store.delete(self.layout.key(name, b)))
+
+    def adopt_done_blocks(self) -> None:
+        """Manifests for done blocks written before manifests existed: what the store holds now."""
+        done = self.done_mask()
+        for b in range(self.num_blocks):
+            s, e = self.block_range(b)
+            if done[s:e].all():
+                self.group[MANIFEST][b] = record_block(self.group.store, self.layout, b)
 
 
 def float16_warnings(stats: dict[str, dict[str, int]], threshold: float = 0.01) -> list[str]:

@@ -11,6 +11,7 @@ import sys
 
 from mfdetr.cli.app import app
 from mfdetr.errors import MfdetrError
+from mfdetr.utils.fs import is_disk_full
 
 _COMMAND_MODULES = ["synth", "extract", "cache_cmds", "train", "evaluate", "predict", "run"]
 for _name in _COMMAND_MODULES:
@@ -27,6 +28,14 @@ def main() -> None:
         app()
     except MfdetrError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        # a last resort: the writers name the bytes needed; any other write on a full disk still ends here
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: disk full{where} ({e.strerror or e}); free space or choose another --out, then run "
+              "the same command again", file=sys.stderr)
         sys.exit(2)
 
 

@@ -34,5 +34,14 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the mfdetr version and exit."
     ),
+    max_image_pixels: int | None = typer.Option(
+        None, "--max-image-pixels", min=1, help="Image size limit in pixels for every command (default "
+        "200000000 = 200 MP; also MFDETR_MAX_IMAGE_PIXELS): larger images are refused before decoding, a "
+        "guard against decompression bombs. Give it first: mfdetr --max-image-pixels N extract ...",
+    ),
 ) -> None:
     """mfdetr command line."""
+    if max_image_pixels is not None:
+        from mfdetr.data.image_io import set_max_image_pixels
+
+        set_max_image_pixels(max_image_pixels)

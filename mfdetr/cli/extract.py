@@ -38,6 +38,19 @@ def extract_cmd(
     iou_threshold: float = typer.Option(0.5, "--iou-threshold", help="Minimum box IoU of a match."),
     block: Optional[int] = typer.Option(None, "--block", help="Images per Zarr shard; the unit of work, resume and "
                                         "ownership. Default: auto, ~32 MB of features per shard, 8 to 64 images."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Lossy: affine quantization of the feature maps to "
+                                        "uint8: 'int8' (scale + offset per image and channel) or 'int8-calib' "
+                                        "(per channel, calibrated once on --calib-images images)."),
+    quant_bits: int = typer.Option(8, "--quant-bits", help="Bits of --quant codes (2..8; fewer compress smaller)."),
+    project: Optional[str] = typer.Option(None, "--project", help="Lossy: PCA-project levels to fewer channels, "
+                                          "e.g. 'b4=32,e8=64' (fitted on --calib-images images; the mask network "
+                                          "takes the projected width)."),
+    box_mask: Optional[str] = typer.Option(None, "--box-mask", help="Comma-separated levels kept only inside the "
+                                           "union of the kept boxes (+ --box-margin cells); zeros elsewhere."),
+    box_margin: int = typer.Option(2, "--box-margin", help="Cells added around each box for --box-mask."),
+    calib_images: int = typer.Option(16, "--calib-images", help="Images fitting --project / int8-calib."),
+    force: bool = typer.Option(False, "--force", help="Extract even when the estimated cache size exceeds the "
+                               "target disk's free space."),
     batch_size: int = typer.Option(4, "--batch-size", help="Images per detector forward."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the detector (cpu, cuda, cuda:1, ...)."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes decoding images (0 = in process)."),
@@ -49,12 +62,17 @@ def extract_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or inconsistent images (listed at the "
                                   "end) instead of stopping at the first one."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    repair: bool = typer.Option(False, "--repair", help="Check every done block against its integrity manifest "
+                                "(reads the whole cache: crc32c of every object), rewrite damaged metadata, and "
+                                "re-extract the damaged or missing blocks. A plain rerun checks presence and "
+                                "sizes only."),
 ) -> None:
     """Run the frozen detector once per image and write (or resume, or reuse) a Zarr cache.
 
     Resumes by default: blocks already done are skipped. Under `torchrun --nproc-per-node N -m mfdetr
     extract ...` each rank writes its own blocks.
     """
+    from mfdetr.cache.storage import parse_project
     from mfdetr.extract.loop import ExtractOptions, MatchOptions, extract, parse_shard
 
     opts = ExtractOptions(
@@ -67,12 +85,23 @@ def extract_cmd(
         mask_size=mask_size,
         match=MatchOptions(rule=match, iou_threshold=iou_threshold),  # type: ignore[arg-type]
         block=block,
+        quant=quant,  # type: ignore[arg-type]
+        quant_bits=quant_bits,
+        project=parse_project(project),
+        box_mask=[s.strip() for s in box_mask.split(",") if s.strip()] if box_mask else None,
+        box_margin=box_margin,
+        calib_images=calib_images,
     )
     root = Path(cache_root) if cache_root and "://" not in cache_root else cache_root
     res = extract(
         detector, images, annotations, out=out, cache_root=root, opts=opts, device=device, batch_size=batch_size,
         workers=workers, writers=writers, shard=parse_shard(shard), skip_bad=skip_bad, progress=not no_progress,
+        repair=repair, force=force,
     )
+    for f in res.repaired_files:
+        typer.echo(f"repaired metadata file {f}")
+    if res.repaired:
+        typer.echo(f"re-extracted {len(res.repaired)} damaged or missing block(s): {res.repaired}")
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)
     if res.rank != 0:

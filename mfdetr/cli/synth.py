@@ -12,7 +12,9 @@ from mfdetr.cli.app import app
 
 @app.command("synth")
 def synth(
-    out: Path = typer.Argument(..., help="Output folder; OUT/train and OUT/val are written (created if needed)."),
+    out: Path = typer.Argument(
+        ..., help="Output folder; OUT/train and OUT/val are written (created if needed)."
+    ),
     train: int = typer.Option(2000, "--train", min=0, help="Number of training images."),
     val: int = typer.Option(300, "--val", min=0, help="Number of validation images."),
     size: int = typer.Option(192, "--size", min=32, help="Image side in pixels (square images)."),

@@ -29,8 +29,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
+from mfdetr.data.annotations import find_degenerate
 from mfdetr.data.image_io import image_size, load_image, open_image
 from mfdetr.errors import MfdetrError
+from mfdetr.utils.progress import progress_bar
 
 __all__ = ["Sample", "CocoDataset", "load_image", "ann_to_rle"]
 
@@ -61,7 +63,8 @@ def ann_to_rle(segm: Any, h: int, w: int) -> dict:
     if isinstance(segm["counts"], list):
         return mask_utils.frPyObjects(segm, h, w)
     counts = segm["counts"]
-    return {"size": list(segm["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    raw = counts.encode("ascii") if isinstance(counts, str) else counts
+    return {"size": list(segm["size"]), "counts": raw}
 
 
 def _is_int(v: Any) -> bool:
@@ -107,7 +110,9 @@ def _load_json(path: Path) -> tuple[dict, bytes]:
             "Fix the file or export it again."
         ) from e
     if not isinstance(data, dict):
-        raise MfdetrError(f"{path}: expected a JSON object with 'images' and 'categories', got {type(data).__name__}")
+        raise MfdetrError(
+            f"{path}: expected a JSON object with 'images' and 'categories', got {type(data).__name__}"
+        )
     return data, raw
 
 
@@ -157,12 +162,14 @@ def _validate(data: dict, path: Path, need_segm: bool) -> None:
         ann_ids.add(aid)
         if ann["image_id"] not in images:
             raise MfdetrError(
-                f"{path}: annotation id {aid} points at image id {ann['image_id']}, which is not in 'images'; "
+                f"{path}: annotation id {aid} points at image id {ann['image_id']}, which is not in "
+                "'images'; "
                 "add the image or remove the annotation"
             )
         if ann["category_id"] not in cats:
             raise MfdetrError(
-                f"{path}: annotation id {aid} has category id {ann['category_id']}, which is not in 'categories'; "
+                f"{path}: annotation id {aid} has category id {ann['category_id']}, which is not in "
+                "'categories'; "
                 "add the category or remove the annotation"
             )
         img = images[ann["image_id"]]
@@ -171,7 +178,8 @@ def _validate(data: dict, path: Path, need_segm: bool) -> None:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             if "segmentation" in ann:
-                ann["area"] = float(mask_utils.area(ann_to_rle(ann["segmentation"], img["height"], img["width"])))
+                rle = ann_to_rle(ann["segmentation"], img["height"], img["width"])
+                ann["area"] = float(mask_utils.area(rle))
             else:
                 ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
 
@@ -180,17 +188,22 @@ def _check_segm(segm: Any, h: int, w: int, where: str) -> None:
     """Validate a segmentation (polygon list or RLE dict) for an h x w image."""
     if isinstance(segm, list):
         for p in segm:
-            if not isinstance(p, list) or len(p) % 2 or (p and not _is_num(p[0])):  # cheap: COCO has ~40M coords
+            # cheap (first number only): COCO has ~40M coordinates
+            if not isinstance(p, list) or len(p) % 2 or (p and not _is_num(p[0])):
                 raise MfdetrError(f"{where}: a polygon must be a flat list of x, y numbers (even length)")
         return
     if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
         raise MfdetrError(f"{where}: an RLE segmentation needs the keys 'counts' and 'size'")
     if list(segm["size"]) != [h, w]:
-        raise MfdetrError(f"{where}: RLE size {segm['size']} differs from its image's [height, width] [{h}, {w}]")
+        raise MfdetrError(
+            f"{where}: RLE size {segm['size']} differs from its image's [height, width] [{h}, {w}]"
+        )
     counts = segm["counts"]
     if isinstance(counts, list):
         if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != h * w:
-            raise MfdetrError(f"{where}: uncompressed RLE counts must be non-negative ints summing to {h}*{w}")
+            raise MfdetrError(
+                f"{where}: uncompressed RLE counts must be non-negative ints summing to {h}*{w}"
+            )
     elif not isinstance(counts, (str, bytes)):
         raise MfdetrError(f"{where}: RLE 'counts' must be a string or a list of ints")
 
@@ -205,6 +218,9 @@ class CocoDataset(torch.utils.data.Dataset):
             record ``(image_id, reason)`` in ``.bad`` instead of raising. Note: with DataLoader
             workers ``.bad`` fills in the workers; use ``check()`` to list bad images up front.
         load_masks: decode instance masks (else ``Sample.masks`` is None and segmentation is optional).
+
+    ``.degenerate`` lists ``(annotation id, reason)`` of the annotations left out
+    (``mfdetr.data.annotations``).
     """
 
     def __init__(
@@ -216,6 +232,12 @@ class CocoDataset(torch.utils.data.Dataset):
         self.load_masks = load_masks
         data, raw = _load_json(self.annotations)
         _validate(data, self.annotations, need_segm=load_masks)
+        # degenerate annotations (zero-area box, empty or < 3-point segmentation) are no instance anywhere
+        images = {img["id"]: img for img in data["images"]}
+        self.degenerate: list[tuple[int, str]] = find_degenerate(data["annotations"], images, load_masks)
+        if self.degenerate:
+            drop = {aid for aid, _ in self.degenerate}
+            data = {**data, "annotations": [a for a in data["annotations"] if a["id"] not in drop]}
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO()
             self.coco.dataset = data
@@ -307,9 +329,7 @@ class CocoDataset(torch.utils.data.Dataset):
         found: list[tuple[int, str]] = []
         indices = range(len(self.image_ids))
         if progress:
-            from tqdm import tqdm
-
-            indices = tqdm(indices, desc="check images", unit="img")
+            indices = progress_bar(indices, desc="check images")
         for i in indices:
             info = self.image_info(i)
             path = self.image_path(i)

@@ -36,6 +36,8 @@ from pycocotools import mask as mask_utils
 
 from mfdetr.data.synth_shapes import CATEGORIES, render_image
 from mfdetr.errors import MfdetrError
+from mfdetr.utils.fs import disk_full_error, ensure_writable_dir, is_disk_full
+from mfdetr.utils.progress import progress_bar
 
 SYNTH_VERSION = 1
 _NAME = re.compile(r"^\d{6,}\.png$")
@@ -169,16 +171,19 @@ def make_synth(
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     out = Path(out)
+    ensure_writable_dir(out, "output folder")
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=train + val, unit="img", desc="synth")
+        bar = progress_bar(total=train + val, desc="synth")
     try:
         result = {}
         for split, count in (("train", train), ("val", val)):
             on_image = bar.update if bar is not None else None
             result[split] = make_split(out / split, split, count, size, seed, workers, on_image)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(out, None, "writing the synthetic dataset to") from e
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -115,7 +115,8 @@ def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndar
     draw = ImageDraw.Draw(layer)
     for _ in range(rng.integers(1, 5)):  # faint lines
         p = rng.uniform(-0.1, 1.1, 4) * size
-        draw.line([tuple(p[:2]), tuple(p[2:])], fill=int(rng.integers(60, 256)), width=int(rng.integers(1, 3)))
+        fill = int(rng.integers(60, 256))
+        draw.line([tuple(p[:2]), tuple(p[2:])], fill=fill, width=int(rng.integers(1, 3)))
     lines = np.asarray(layer, np.float32) / 255
     img += lines[..., None] * rng.uniform(-20, 20, 3).astype(np.float32)
     return img

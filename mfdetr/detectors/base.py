@@ -12,7 +12,8 @@ Coordinate frames:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -31,6 +32,21 @@ class LevelSpec:
     name: str
     stride: int
     channels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{name, stride, channels}``: the form stored in cache attributes and checkpoints."""
+        return {"name": str(self.name), "stride": int(self.stride), "channels": int(self.channels)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | Any) -> LevelSpec:
+        """From ``{name, stride, channels}`` (or any object with those attributes, e.g. a LevelSpec)."""
+        get = d.__getitem__ if isinstance(d, Mapping) else (lambda k: getattr(d, k))
+        return cls(str(get("name")), int(get("stride")), int(get("channels")))
+
+
+def level_dicts(levels: Iterable[LevelSpec | Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """LevelSpecs or level dicts -> ``[{name, stride, channels}]`` (the stored form; ints coerced)."""
+    return [LevelSpec.from_dict(lv).to_dict() for lv in levels or []]
 
 
 @dataclass

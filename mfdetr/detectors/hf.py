@@ -1,34 +1,38 @@
 """Hugging Face DETR-family adapter: a local ``save_pretrained`` folder -> :class:`FrozenDetector`.
 
-Supported (``config.model_type`` -> class): see :data:`SUPPORTED`. What the adapter does, per image:
+Any object-detection head of transformers loads (``hf_load.py``), and a probe forward at load checks that it
+exposes what the mask network needs, by its outputs, not by its class: class ``logits``, ``pred_boxes``, the
+decoder's ``last_hidden_state`` per query, and feature maps (``hf_features.py``). Per image:
 
-- preprocessing through the checkpoint's own image processor (``AutoImageProcessor`` from the folder, or the
-  class's default processor when the folder has no ``preprocessor_config.json``);
+- preprocessing through the checkpoint's own image processor (``AutoImageProcessor`` from the folder, or
+  transformers' default processor of the model type when the folder has no ``preprocessor_config.json``);
 - boxes / scores / labels exactly as ``processor.post_process_object_detection(outputs, threshold,
-  target_sizes=original sizes)`` computes them (then clipped to the image), but with the query index kept:
-  sigmoid models (Conditional / Deformable DETR, RT-DETR, RT-DETRv2, D-FINE) take a top-k over query x class,
-  DETR takes the softmax without the no-object class, max over classes per query, then a top-k over queries;
-- ``queries[k]`` = ``outputs.last_hidden_state[query of box k]`` (the last decoder layer's embedding);
-- features: encoder levels ``e{stride}`` (the encoder's multi-scale output as maps) and backbone levels
-  ``b{stride}`` (the deepest backbone stage of each stride, read by forward hooks), each cropped to
-  ``ceil(h_in / s) x ceil(w_in / s)``.
+  target_sizes=original sizes)`` computes them (then clipped to the image), with the query index kept. The one
+  per-family difference, read from the logits' width: a no-object column (DETR, Table Transformer) -> softmax
+  without it, best class per query, top-k over queries; otherwise (focal-loss models) a sigmoid and a top-k
+  over query x class (RT-DETR-family ``use_focal_loss=False``: softmax as its processor does);
+- ``queries[k]`` = ``outputs.last_hidden_state[query of box k]`` (the last decoder layer's embedding). Models
+  run in eval mode: LW-DETR / RF-DETR's extra ``group_detr`` query groups exist only in training;
+- features: memory levels ``e{stride}`` and backbone levels ``b{stride}`` (see ``hf_features.py``), each
+  cropped to ``ceil(h_in / s) x ceil(w_in / s)``. Default: ``b4`` (when the backbone has it) + every ``e``.
 
-Batching: images are grouped by their network-input size and each group is ONE batched forward without padding,
-so an image's output never depends on which other images share its batch (DETR-family backbones see padding
-pixels, so padded batches would change the features and the boxes). Where the network needs a padded input anyway
-(a processor with ``pad_size``, or RT-DETR-style models whose input is not a multiple of 32), padding is
-bottom-right and boxes and features are relative to the unpadded input.
+Batching: images are grouped by their network-input size and each group is ONE batched forward without
+padding, so an image's output never depends on which other images share its batch (DETR-family backbones
+see padding pixels). Where the network needs a padded input anyway (a processor with ``pad_size``; a model
+that only runs on multiples of its coarsest stride, found at load: RT-DETR family, windowed ViTs), padding
+is bottom-right and boxes and features are relative to the unpadded input.
 
-Files: this module holds the adapter (:class:`HFDetector`, ``build_hf_detector``); ``hf_load.py`` the supported
-classes and checkpoint loading, ``hf_labels.py`` the label mapping, ``hf_features.py`` the reading of the model's
-internals (backbone stages, encoder maps, strides) and ``hf_processing.py`` the input sizes and top-k selection.
+Files: this module holds the adapter (:class:`HFDetector`, ``build_hf_detector``); ``hf_load.py`` checkpoint
+loading, ``hf_labels.py`` the label mapping, ``hf_features.py`` the reading of the model's internals and
+``hf_processing.py`` the input sizes and top-k selection.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,17 +40,23 @@ from torch import Tensor
 from mfdetr.detectors.base import DetectorOutput, LevelSpec
 from mfdetr.detectors.hf_features import (
     backbone_module,
+    backbone_output_maps,
+    check_outputs,
+    decoder_memory_shapes,
+    decoder_module,
     first_tensor,
+    memory_maps,
+    probe_size,
     stage_modules,
     stride_of,
-    encoder_maps,
-    probe_size,
 )
 from mfdetr.detectors.hf_labels import normalize_label_name, resolve_label_map  # noqa: F401  (re-export)
-from mfdetr.detectors.hf_load import SUPPORTED, folder_fingerprint_parts, load_hf_folder, supported_classes
-from mfdetr.detectors.hf_processing import valid_size, analytic_input_size, select_topk
+from mfdetr.detectors.hf_load import folder_fingerprint_parts, load_hf_folder, supported_classes  # noqa: F401
+from mfdetr.detectors.hf_processing import analytic_input_size, select_topk, valid_size
 from mfdetr.errors import MfdetrError
 from mfdetr.utils.hashing import sha256_json
+
+_PROBE_ODD = 100  # side of the odd-size probe that tells whether a model needs padded inputs
 
 
 class HFDetector:
@@ -66,47 +76,28 @@ class HFDetector:
         device: str | torch.device = "cpu",
         fingerprint_parts: dict[str, str] | None = None,
     ) -> None:
-        if model_type not in SUPPORTED:
-            raise MfdetrError(f"model type {model_type!r} is not supported; supported: {', '.join(supported_classes())}")
         if int(topk) < 1:
             raise MfdetrError(f"topk must be >= 1 (got {topk})")
         self.spec = spec
         self.model = model.eval()
         self.processor = processor
         self.model_type = model_type
-        self.score_kind = SUPPORTED[model_type][2]
-        if model_type.startswith("rt_detr") or model_type == "d_fine":
-            if not getattr(model.config, "use_focal_loss", True):
-                self.score_kind = "softmax_drop_last"  # what RTDetrImageProcessor does with use_focal_loss=False
-        self.multiple = 32 if SUPPORTED[model_type][3] else 1
         self.topk = int(topk)
         self.device = torch.device("cpu")
         cfg = model.config
         self.id2label = {int(k): v for k, v in cfg.id2label.items()}
         self.num_classes = len(self.id2label)
-        self.label_map = resolve_label_map(self.id2label, categories, label_map, f"{spec} ({type(model).__name__})")
+        where = f"{spec} ({type(model).__name__})"
+        self.label_map = resolve_label_map(self.id2label, categories, label_map, where)
         lut = torch.full((self.num_classes,), -1, dtype=torch.int64)
         for k, v in (self.label_map or {i: i for i in self.id2label}).items():
             if 0 <= k < self.num_classes:
                 lut[k] = v
         self._lut = lut
         self._keep_class = lut >= 0
-
-        # hooks: backbone stages (b*) and encoder spatial shapes (Deformable DETR / DETR)
-        self._captured: dict[str, Any] = {}
-        self._wanted_stages: set[int] | None = None  # None: capture every stage (the probe)
-        self._hooks = []
-        bb = backbone_module(model)
-        self._stage_mods = stage_modules(bb) if bb is not None else []
-        for i, m in enumerate(self._stage_mods):
-            self._hooks.append(m.register_forward_hook(self._make_stage_hook(i)))
-        inner = model.model
-        if model_type == "deformable_detr":
-            self._hooks.append(inner.encoder.register_forward_pre_hook(self._encoder_pre_hook, with_kwargs=True))
-        elif model_type in ("detr", "conditional_detr"):
-            self._hooks.append(inner.input_projection.register_forward_hook(self._proj_hook))
-
-        self._probe_levels()  # fills self._all_levels (LevelSpec by name) and self._stage_for_b
+        self._install_hooks()
+        self._probe_levels()  # fills _all_levels, _stage_for_b, _enc_names, score_kind, query_dim
+        self.multiple = self._find_input_multiple()
         available = list(self._all_levels)
         if levels is None:
             chosen = [n for n in available if n == "b4"] + [n for n in available if n.startswith("e")]
@@ -119,11 +110,10 @@ class HFDetector:
                 raise MfdetrError(f"levels listed twice: {chosen}")
         self.levels: list[LevelSpec] = [self._all_levels[n] for n in chosen]
         self._wanted_stages = {self._stage_for_b[n] for n in chosen if n in self._stage_for_b}
-        self.query_dim = int(getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size"))
 
         self._init_input_size()
         options = {
-            "adapter": "hf/1",
+            "adapter": "hf/2",
             "model_type": model_type,
             "levels": chosen,
             "topk": self.topk,
@@ -134,57 +124,113 @@ class HFDetector:
 
     # -------------------------------------------------------------------------------------------- hooks
 
+    def _install_hooks(self) -> None:
+        """Backbone stages and outputs (``b*``), the decoder's cross-attention memory (``e*``)."""
+        self._captured: dict[str, Any] = {}
+        self._wanted_stages: set[int] | None = None  # None: capture every stage (the probe)
+        self._hooks = []
+        bb = backbone_module(self.model)
+        self._stage_mods = stage_modules(bb) if bb is not None else []
+        for i, m in enumerate(self._stage_mods):
+            self._hooks.append(m.register_forward_hook(self._make_stage_hook(i)))
+        if bb is not None:
+            self._hooks.append(bb.register_forward_hook(self._backbone_hook))
+        dec = decoder_module(self.model)
+        if dec is not None:
+            self._hooks.append(dec.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
+
+    def _keep_stage(self, i: int, t) -> None:
+        if self._wanted_stages is not None and i not in self._wanted_stages:
+            return
+        if isinstance(t, Tensor) and t.dim() == 4:
+            self._captured.setdefault("stages", {})[i] = t
+
     def _make_stage_hook(self, i: int):
         def hook(_module, _inputs, output):
-            if self._wanted_stages is not None and i not in self._wanted_stages:
-                return
-            t = first_tensor(output)
-            if t is not None and t.dim() == 4:
-                self._captured.setdefault("stages", {})[i] = t
+            self._keep_stage(i, first_tensor(output))
 
         return hook
 
-    def _encoder_pre_hook(self, _module, args, kwargs):
-        shapes = kwargs.get("spatial_shapes_list")
-        if shapes is None and kwargs.get("spatial_shapes") is not None:
-            shapes = [tuple(int(v) for v in s) for s in kwargs["spatial_shapes"].tolist()]
-        self._captured["enc_shapes"] = [tuple(int(v) for v in s) for s in shapes]
+    def _backbone_hook(self, _module, _inputs, output):
+        maps = backbone_output_maps(output)
+        self._captured["backbone_out"] = maps
+        for j, t in enumerate(maps):  # after the stages: the deepest module of their stride
+            self._keep_stage(len(self._stage_mods) + j, t)
 
-    def _proj_hook(self, _module, _inputs, output):
-        self._captured["enc_shapes"] = [tuple(output.shape[-2:])]
+    def _decoder_pre_hook(self, _module, args, kwargs):
+        mem = kwargs.get("encoder_hidden_states")
+        if isinstance(mem, Tensor):
+            self._captured["memory"] = mem
+            self._captured["memory_shapes"] = decoder_memory_shapes(kwargs)
 
     # -------------------------------------------------------------------------------------------- levels
 
-    def _probe_size(self) -> tuple[int, int]:
-        return probe_size(self.model.config, self.processor)
+    def _forward_probe(self, ph: int, pw: int):
+        self._captured = {}
+        x = torch.zeros((1, 3, ph, pw), device=next(self.model.parameters()).device)
+        mask = torch.ones((1, ph, pw), dtype=torch.int64, device=x.device)
+        out = self.model(pixel_values=x, pixel_mask=mask)
+        cap, self._captured = self._captured, {}
+        return out, cap
 
     @torch.inference_mode()
     def _probe_levels(self) -> None:
-        ph, pw = self._probe_size()
-        x = torch.zeros((1, 3, ph, pw))
-        self._captured = {}
-        out = self.model(pixel_values=x, pixel_mask=torch.ones((1, ph, pw), dtype=torch.int64))
-        enc = self._encoder_maps(out, 1)
+        ph, pw = probe_size(self.model.config, self.processor)
+        out, cap = self._forward_probe(ph, pw)
+        self.score_kind, self.query_dim = check_outputs(out, self.model, self.num_classes, self.spec)
         levels: dict[str, LevelSpec] = {}
         stage_for_b: dict[str, int] = {}
-        for i, t in sorted(self._captured.get("stages", {}).items()):
-            s = stride_of(ph, t.shape[-2])
+        self._stage_stride: dict[int, int] = {}
+        for i, t in sorted(cap.get("stages", {}).items()):
+            s = self._stage_stride[i] = self._stride(ph, pw, t)
             stage_for_b[f"b{s}"] = i  # deepest module of each stride wins
             levels[f"b{s}"] = LevelSpec(f"b{s}", s, int(t.shape[1]))
         enc_levels = {}
-        for t in enc:
-            s = stride_of(ph, t.shape[-2])
+        for t in memory_maps(out, cap, 1):
+            s = self._stride(ph, pw, t)
             if f"e{s}" in enc_levels:
-                raise RuntimeError(f"two encoder levels of stride {s}")
+                raise RuntimeError(f"two memory levels of stride {s}")
             enc_levels[f"e{s}"] = LevelSpec(f"e{s}", s, int(t.shape[1]))
+        if not enc_levels and not levels:
+            raise MfdetrError(
+                f"{self.spec}: {type(self.model).__name__} exposes no feature maps for the mask network: no "
+                "multi-scale memory (a list of maps as encoder_last_hidden_state, or a decoder fed "
+                "encoder_hidden_states) and no backbone stages"
+            )
         self._stage_for_b = stage_for_b
         self._enc_names = list(enc_levels)
         self._all_levels = {**dict(sorted(levels.items(), key=lambda kv: kv[1].stride)), **enc_levels}
-        self._captured = {}
 
-    def _encoder_maps(self, out, batch: int) -> list[Tensor]:
-        """The encoder's output as a list of [B,C,h,w] maps, finest first."""
-        return encoder_maps(out, self._captured.get("enc_shapes"), batch)
+    @staticmethod
+    def _stride(ph: int, pw: int, t: Tensor) -> int:
+        s, sw = stride_of(ph, t.shape[-2]), stride_of(pw, t.shape[-1])
+        if s != sw:
+            raise RuntimeError(f"a {tuple(t.shape[-2:])} map of a {ph}x{pw} input has strides {s} and {sw}")
+        return s
+
+    @torch.inference_mode()
+    def _find_input_multiple(self) -> int:
+        """1 when the model runs on odd input sizes and gives every level ``ceil(size / stride)`` cells, else
+        the smallest multiple of the coarsest level stride (x1, 2, 4, 8) that does: inputs are then padded
+        bottom-right to it (RT-DETR's fixed FPN shapes; a ViT's patch x window grid)."""
+        coarsest = max(lv.stride for lv in self._all_levels.values())
+        for m in (1, coarsest, 2 * coarsest, 4 * coarsest, 8 * coarsest):
+            # odd multiples of m (not multiples of 2m); for m = 1 also odd multiples of 16 (+ a remainder)
+            h, w = (115, 83) if m == 1 else (m * (max(1, -(-_PROBE_ODD // m)) | 1),) * 2
+            w = w if m == 1 else h + 2 * m
+            try:
+                out, cap = self._forward_probe(h, w)
+                mem = memory_maps(out, cap, 1)
+            except Exception:  # noqa: BLE001 - a size the model cannot take
+                continue
+            strides = [self._all_levels[n].stride for n in self._enc_names]
+            stages = cap.get("stages", {}).items()
+            maps = [(t, self._stage_stride[i]) for i, t in stages if i in self._stage_stride]
+            if len(mem) == len(strides) and all(
+                t.shape[-2:] == (-(-h // s), -(-w // s)) for t, s in maps + list(zip(mem, strides))
+            ):
+                return m
+        return coarsest  # e.g. anchors fixed to one input size (anchor_image_size): the processor gives it
 
     # -------------------------------------------------------------------------------------------- sizes
 
@@ -219,7 +265,7 @@ class HFDetector:
 
     # -------------------------------------------------------------------------------------------- run
 
-    def to(self, device: torch.device | str) -> "HFDetector":
+    def to(self, device: torch.device | str) -> HFDetector:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
@@ -263,23 +309,21 @@ class HFDetector:
         self._captured = {}
         out = self.model(**kwargs)
         cap, self._captured = self._captured, {}
-        return out, sizes, tuple(pv.shape[-2:]), cap
+        return out, sizes, tuple(pv.shape[-2:]), cap, mask is None
 
     def _scores(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(scores [B,K], labels [B,K] model ids, query index [B,K]) with unmapped classes excluded."""
         return select_topk(logits, self._keep_class, self.score_kind, self.topk)
 
     def _detect_group(self, images: list[Tensor]) -> list[DetectorOutput]:
-        out, sizes, (hp, wp), cap = self._run_model(images)
+        out, sizes, (hp, wp), cap, no_mask = self._run_model(images)
         b = len(images)
         scores, labels, qidx = self._scores(out.logits)
         boxes = out.pred_boxes  # normalized cxcywh
         cx, cy, w, h = boxes.unbind(-1)
         xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
         queries = out.last_hidden_state
-        self._captured = cap
-        enc_maps = self._encoder_maps(out, b)
-        self._captured = {}
+        enc_maps = memory_maps(out, cap, b)
         stages = cap.get("stages", {})
         results = []
         for j, im in enumerate(images):
@@ -289,11 +333,12 @@ class HFDetector:
             valid = sc >= 0  # -1.0 marks excluded classes (only when fewer mapped candidates than topk)
             sc, lab, q = sc[valid], lab[valid], q[valid]
             bx = xyxy[j].index_select(0, q)
-            # post_process_object_detection: normalized xyxy * (W0, H0); boxes normalized to the padded input
-            # (RT-DETR-style models padded to a multiple of 32 here) are first brought to the unpadded one
-            fx = wp / w_in if (self.multiple > 1 and wp != w_in) else 1.0
-            fy = hp / h_in if (self.multiple > 1 and hp != h_in) else 1.0
-            scale_fct = torch.tensor([W0 * fx, H0 * fy, W0 * fx, H0 * fy], dtype=torch.float32, device=bx.device)
+            # post_process_object_detection: normalized xyxy * (W0, H0). A model fed no pixel_mask (RT-DETR
+            # family) normalizes to the whole input, which is padded here when it needs a size multiple: first
+            # bring such boxes to the unpadded input (models with a mask normalize to the valid region)
+            fx = wp / w_in if no_mask else 1.0
+            fy = hp / h_in if no_mask else 1.0
+            scale_fct = torch.tensor([W0 * fx, H0 * fy] * 2, dtype=torch.float32, device=bx.device)
             bx = bx.float() * scale_fct
             bx[:, 0::2] = bx[:, 0::2].clamp(0, W0)
             bx[:, 1::2] = bx[:, 1::2].clamp(0, H0)
@@ -304,7 +349,10 @@ class HFDetector:
                 else:
                     t = stages[self._stage_for_b[lv.name]][j]
                 fh, fw = -(-h_in // lv.stride), -(-w_in // lv.stride)
-                feats[lv.name] = t[:, :fh, :fw].float().contiguous()
+                t = t[:, :fh, :fw]
+                if t.shape[-2:] != (fh, fw):  # a patch embedding floors a side the model let through unpadded
+                    t = torch.nn.functional.pad(t, (0, fw - t.shape[-1], 0, fh - t.shape[-2]))
+                feats[lv.name] = t.float().contiguous()
             results.append(
                 DetectorOutput(
                     boxes=bx.contiguous(),

@@ -1,5 +1,10 @@
-"""The supported Hugging Face DETR-family classes (:data:`SUPPORTED`) and loading a local
-``save_pretrained`` checkpoint folder (model, image processor, file hashes for the fingerprint)."""
+"""Loading a local Hugging Face ``save_pretrained`` checkpoint folder for the ``hf:`` adapter: the model class
+(any object-detection head of the installed transformers, found through its auto mappings, not a hand list),
+the image processor, and the file hashes for the fingerprint.
+
+Whether a loaded model has what the mask network needs (per-query decoder states, logits, boxes, feature
+maps) is checked on a probe forward by the adapter (``hf.py``), with an error naming what is missing.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +14,57 @@ from typing import Any
 from mfdetr.errors import MfdetrError
 from mfdetr.utils.hashing import sha256_file
 
-# model_type -> (ForObjectDetection class name, image processor class name, score kind, needs multiple of 32)
-SUPPORTED: dict[str, tuple[str, str, str, bool]] = {
-    "detr": ("DetrForObjectDetection", "DetrImageProcessor", "softmax", False),
-    "conditional_detr": ("ConditionalDetrForObjectDetection", "ConditionalDetrImageProcessor", "sigmoid", False),
-    "deformable_detr": ("DeformableDetrForObjectDetection", "DeformableDetrImageProcessor", "sigmoid", False),
-    "rt_detr": ("RTDetrForObjectDetection", "RTDetrImageProcessor", "sigmoid", True),
-    "rt_detr_v2": ("RTDetrV2ForObjectDetection", "RTDetrImageProcessor", "sigmoid", True),
-    "d_fine": ("DFineForObjectDetection", "RTDetrImageProcessor", "sigmoid", True),
-}
+# The DETR-family classes this adapter is tested with (tests/hf_tiny.py builds a tiny one of each); any other
+# object-detection head with the same outputs loads too.
+TESTED_CLASSES = (
+    "DetrForObjectDetection", "ConditionalDetrForObjectDetection", "DabDetrForObjectDetection",
+    "TableTransformerForObjectDetection", "DeformableDetrForObjectDetection", "RTDetrForObjectDetection",
+    "RTDetrV2ForObjectDetection", "DFineForObjectDetection", "Deimv2ForObjectDetection",
+    "LwDetrForObjectDetection", "RfDetrForObjectDetection", "RfDetrForInstanceSegmentation",
+)
+# image processor for a folder without preprocessor_config.json, where transformers' auto mapping has none
+_PROCESSOR_GAPS = {"dab-detr": "ConditionalDetrImageProcessor", "d_fine": "RTDetrImageProcessor",
+                   "rt_detr_v2": "RTDetrImageProcessor"}
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 def supported_classes() -> list[str]:
-    return [v[0] for v in SUPPORTED.values()]
+    return list(TESTED_CLASSES)
+
+
+def _detection_heads() -> tuple[dict[str, str], set[str]]:
+    """(model_type -> object-detection class, every accepted head class): the object-detection heads of the
+    installed transformers, plus instance-segmentation heads of the same model types
+    (RfDetrForInstanceSegmentation: its box outputs are a detector's)."""
+    from transformers.models.auto import modeling_auto as ma
+
+    det = dict(ma.MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES)
+    seg = {v for k, v in ma.MODEL_FOR_INSTANCE_SEGMENTATION_MAPPING_NAMES.items() if k in det}
+    return det, set(det.values()) | seg
+
+
+def _unsupported(folder: Path, what: str) -> MfdetrError:
+    return MfdetrError(
+        f"hf: {folder}: {what} is not supported: the hf: adapter loads the object-detection heads of "
+        f"transformers (DETR family); tested classes: {', '.join(supported_classes())}"
+    )
+
+
+def _model_class(folder: Path, config):
+    import transformers
+
+    mt = getattr(config, "model_type", None)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    det, accepted = _detection_heads()
+    if mt not in det:
+        return None, _unsupported(folder, f"model type {mt!r} ({arch})")
+    name = arch or det[mt]
+    if name not in accepted:
+        return None, _unsupported(folder, f"architecture {name} (not an object-detection head)")
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        return None, MfdetrError(f"hf: {folder}: transformers {transformers.__version__} has no class {name}")
+    return cls, None
 
 
 def _processor_for(folder: Path, model_type: str):
@@ -34,13 +76,35 @@ def _processor_for(folder: Path, model_type: str):
         try:
             return AutoImageProcessor.from_pretrained(str(folder))
         except Exception as e:  # noqa: BLE001 - report any loading failure as a user error
-            raise MfdetrError(f"{folder}/preprocessor_config.json: cannot load the image processor ({e})") from None
-    return getattr(transformers, SUPPORTED[model_type][1])()
+            msg = f"{folder}/preprocessor_config.json: cannot load the image processor ({e})"
+            raise MfdetrError(msg) from None
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    name = names.get("torchvision") or next(iter(names.values())) if isinstance(names, dict) else names
+    name = name or _PROCESSOR_GAPS.get(model_type)
+    if not name or getattr(transformers, name, None) is None:
+        raise MfdetrError(
+            f"hf: {folder} has no preprocessor_config.json and transformers knows no default image processor "
+            f"for {model_type!r}: save the checkpoint's processor there (processor.save_pretrained(folder))"
+        )
+    return getattr(transformers, name)()
+
+
+def _check_timm(folder: Path, config) -> None:
+    bb_type = getattr(getattr(config, "backbone_config", None), "model_type", None)
+    if getattr(config, "use_timm_backbone", False) or bb_type == "timm_backbone":
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            raise MfdetrError(
+                f"hf: {folder}: the checkpoint uses a timm backbone and timm is not installed: "
+                "pip install timm (or save the model with an HF backbone_config, use_timm_backbone=False)"
+            ) from None
 
 
 def load_hf_folder(folder: str | Path) -> tuple[Any, Any, str]:
     """(model in eval mode, image processor, model_type) from a local checkpoint folder."""
-    import transformers
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -52,30 +116,12 @@ def load_hf_folder(folder: str | Path) -> tuple[Any, Any, str]:
         config = AutoConfig.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001
         raise MfdetrError(f"hf: {folder}/config.json cannot be read ({e})") from None
-    mt = getattr(config, "model_type", None)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    if mt not in SUPPORTED:
-        raise MfdetrError(
-            f"hf: {folder}: model type {mt!r} ({arch}) is not supported; supported classes: "
-            + ", ".join(supported_classes())
-        )
-    if arch is not None and arch != SUPPORTED[mt][0]:
-        raise MfdetrError(
-            f"hf: {folder}: architecture {arch} is not supported (only the object-detection heads are); "
-            "supported classes: " + ", ".join(supported_classes())
-        )
-    bb_type = getattr(getattr(config, "backbone_config", None), "model_type", None)
-    if getattr(config, "use_timm_backbone", False) or bb_type == "timm_backbone":
-        try:
-            import timm  # noqa: F401
-        except ImportError:
-            raise MfdetrError(
-                f"hf: {folder}: the checkpoint uses a timm backbone and timm is not installed: "
-                "pip install timm (or save the model with an HF backbone_config, use_timm_backbone=False)"
-            ) from None
+    cls, err = _model_class(folder, config)
+    if err is not None:
+        raise err
+    _check_timm(folder, config)
     if not any(next(folder.glob(g), None) for g in _WEIGHT_GLOBS):
         raise MfdetrError(f"hf: {folder} has no weight file (model.safetensors / pytorch_model.bin)")
-    cls = getattr(transformers, SUPPORTED[mt][0])
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -90,10 +136,10 @@ def load_hf_folder(folder: str | Path) -> tuple[Any, Any, str]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    model.eval()
+    model.eval()  # eval: one query group (LW-DETR / RF-DETR train with group_detr groups), no dropout
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, _processor_for(folder, mt), mt
+    return model, _processor_for(folder, config.model_type), config.model_type
 
 
 def folder_fingerprint_parts(folder: Path) -> dict[str, str]:

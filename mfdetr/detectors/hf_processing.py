@@ -55,25 +55,29 @@ def analytic_input_size(processor, orig: tuple[int, int]) -> tuple[int, int] | N
 def select_topk(logits: Tensor, keep_class: Tensor, score_kind: str, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(scores [B,K], labels [B,K] model ids, query index [B,K]) from ``logits`` [B,Q,classes], as
     ``post_process_object_detection`` ranks them, with unmapped classes (``keep_class`` [classes] False)
-    excluded (score -1.0). score_kind: "softmax" (DETR), "softmax_drop_last" or "sigmoid"."""
+    excluded (score -1.0). score_kind:
+
+    - ``"softmax"``: softmax over the logits without the last column, best class per query, then a top-k over
+      queries (DETR / Table Transformer, whose last column is no-object; RT-DETR-family processors do the same
+      with ``use_focal_loss=False``);
+    - ``"sigmoid"``: a sigmoid per (query, class) and a top-k over query x class (every focal-loss model).
+    """
     keep = keep_class.to(logits.device)
     if score_kind == "softmax":
         prob = logits.softmax(-1)[..., :-1]
-        prob = prob.masked_fill(~keep, -1.0)
+        prob = prob.masked_fill(~keep[: prob.shape[-1]], -1.0)
         scores, labels = prob.max(-1)
         k = min(topk, scores.shape[1])
         scores, qidx = scores.topk(k, dim=1)
         labels = labels.gather(1, qidx)
-    else:
-        if score_kind == "softmax_drop_last":
-            prob = logits.softmax(-1)[..., :-1]
-            keep = keep[: prob.shape[-1]]
-        else:
-            prob = logits.sigmoid()
+    elif score_kind == "sigmoid":
+        prob = logits.sigmoid()
         c = prob.shape[-1]
-        prob = prob.masked_fill(~keep, -1.0)
+        prob = prob.masked_fill(~keep[:c], -1.0)
         k = min(topk, prob.shape[1] * c)
         scores, idx = prob.flatten(1).topk(k, dim=1)
         labels = idx % c
         qidx = torch.div(idx, c, rounding_mode="floor")
+    else:
+        raise ValueError(f"unknown score kind {score_kind!r}")
     return scores, labels, qidx

@@ -12,19 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from mfdetr.detectors.registry import SHAPES_DIR, shapes_available  # noqa: F401  (re-exported)
+from mfdetr.data.image_io import load_image
 from mfdetr.errors import MfdetrError
-
-
-def _load_rgb(path: Path) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        arr = np.array(im.convert("RGB"))
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def box_ap(
@@ -57,7 +47,7 @@ def box_ap(
     dets: list[dict[str, Any]] = []
     for s in range(0, len(ids), batch):
         chunk = ids[s : s + batch]
-        ims = [_load_rgb(images / gt.imgs[i]["file_name"]) for i in chunk]
+        ims = [load_image(images / gt.imgs[i]["file_name"]) for i in chunk]
         for iid, out in zip(chunk, detector.detect(ims)):
             b = out.boxes.cpu()
             for k in range(b.shape[0]):

@@ -1,4 +1,4 @@
-"""COCO results: RLE encoding from box crops, per-image worker jobs, COCOeval and its table.
+"""COCO results: RLE encoding from box crops and the per-image worker jobs that build the result dicts.
 
 - :func:`encode_crops` RLE-encodes thresholded box crops as full-image COCO RLEs without ever
   building the ``[H, W]`` mask: a column strip ``[H, w_box]`` is run-length coded in numpy and the run
@@ -6,25 +6,21 @@
 - :func:`image_results` is the per-image job (paste when given probabilities, threshold, encode, build
   the COCO result dicts); :class:`ResultPool` runs those jobs in worker processes with a bounded number
   in flight, so only a few images' masks exist at any time.
-- :func:`run_cocoeval` / :func:`format_table` evaluate with pycocotools and print the AP table.
+
+COCOeval of these results lives in :mod:`mfdetr.evaluate.coco_eval`.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import multiprocessing as mp
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_util
 
 from mfdetr.evaluate.paste import Crop, paste_crops_np
-
-STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-TABLE_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
 # ----------------------------------------------------------------------------------------------- RLE
@@ -115,7 +111,9 @@ class ResultPool:
     come out of ``submit``/``drain`` as ``(key, results)`` in submission order.
     """
 
-    def __init__(self, workers: int = 2, max_pending: int | None = None, start_method: str | None = None) -> None:
+    def __init__(
+        self, workers: int = 2, max_pending: int | None = None, start_method: str | None = None
+    ) -> None:
         self.workers = max(0, int(workers))
         self.max_pending = max_pending or max(2, 4 * self.workers)
         self._pending: collections.deque = collections.deque()
@@ -124,7 +122,9 @@ class ResultPool:
             # The jobs are numpy + pycocotools only (no torch, no BLAS), so "fork" is safe and starts
             # instantly; unlike forkserver/spawn it does not re-run an unguarded user script's main module.
             methods = mp.get_all_start_methods()
-            method = start_method or ("fork" if "fork" in methods else "forkserver" if "forkserver" in methods else "spawn")
+            method = start_method or (
+                "fork" if "fork" in methods else "forkserver" if "forkserver" in methods else "spawn"
+            )
             self._pool = mp.get_context(method).Pool(self.workers)
 
     def submit(self, key: Any, job: dict[str, Any]) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
@@ -153,7 +153,7 @@ class ResultPool:
             self._pool.join()
             self._pool = None
 
-    def __enter__(self) -> "ResultPool":
+    def __enter__(self) -> ResultPool:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -161,96 +161,3 @@ class ResultPool:
             self.close()
         else:
             self.terminate()
-
-
-# ---------------------------------------------------------------------------------------- COCOeval
-def load_coco(annotations: str | Path):
-    """pycocotools COCO of an annotation file, quietly."""
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotations))
-
-
-def run_cocoeval(
-    gt,
-    results: str | Path | list[dict[str, Any]],
-    iou_type: str,
-    img_ids: Sequence[int] | None = None,
-    max_dets: int = 100,
-    per_category: bool = False,
-) -> dict[str, Any]:
-    """COCOeval ``iou_type`` ("segm" or "bbox") of ``results`` (a results JSON path or list) against ``gt``.
-
-    Returns ``{"stats": {AP, AP50, ..., ARl}, "per_category": {cat_id: AP} (if asked),
-    "num_detections": int}``. Stats are COCO's fractions in [0, 1] (-1 where undefined, e.g. no GT).
-    Crowd GT is kept: COCOeval ignores detections matched to it. No detections -> all AP = 0
-    (-1 where there is no GT either).
-    """
-    from pycocotools.cocoeval import COCOeval
-
-    if isinstance(results, (str, Path)):
-        import json
-
-        with open(results) as f:
-            results = json.load(f)
-    results = list(results)
-    img_ids = sorted(int(i) for i in (img_ids if img_ids is not None else gt.getImgIds()))
-    if not results:
-        has_gt = any(not a.get("iscrowd", 0) for a in gt.loadAnns(gt.getAnnIds(imgIds=img_ids)))
-        fill = 0.0 if has_gt else -1.0
-        out: dict[str, Any] = {"stats": {k: fill for k in STAT_NAMES}, "num_detections": 0}
-        if per_category:
-            out["per_category"] = {int(c): (0.0 if gt.getAnnIds(imgIds=img_ids, catIds=[c], iscrowd=False) else -1.0) for c in gt.getCatIds()}
-        return out
-    # loadRes mutates its input (adds area, id, ...): give it copies
-    dets = [dict(r) for r in results]
-    if iou_type == "bbox":
-        for d in dets:
-            d.pop("segmentation", None)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = gt.loadRes(dets)
-        ev = COCOeval(gt, coco_dt, iou_type)
-        ev.params.imgIds = img_ids
-        ev.params.maxDets = [1, 10, max(int(max_dets), 10)]
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    out = {"stats": {k: float(v) for k, v in zip(STAT_NAMES, ev.stats)}, "num_detections": len(results)}
-    if per_category:
-        prec = ev.eval["precision"]  # [T, R, K, A, M]
-        pc = {}
-        for k, cat_id in enumerate(ev.params.catIds):
-            p = prec[:, :, k, 0, -1]
-            p = p[p > -1]
-            pc[int(cat_id)] = float(p.mean()) if p.size else -1.0
-        out["per_category"] = pc
-    return out
-
-
-def _fmt(v: float) -> str:
-    return "   -" if v < 0 else f"{100 * v:5.1f}"
-
-
-def format_table(summary: dict[str, Any], cat_names: dict[int, str] | None = None) -> str:
-    """Text table of a summary (``{"segm": stats, "bbox": stats, "per_category"?: {"segm": {cat: AP},
-    "bbox": {...}}}``): one row per IoU type (mask, box), AP columns in percent; per category if present."""
-    lines = []
-    head = f"{'':6s}" + "".join(f"{s:>7s}" for s in TABLE_STATS)
-    lines.append(head)
-    for key, name in (("segm", "mask"), ("bbox", "box")):
-        if key in summary:
-            st = summary[key]
-            lines.append(f"{name:6s}" + "".join(f"{_fmt(st[s]):>7s}" for s in TABLE_STATS))
-    pcs = summary.get("per_category") or {}
-    if any(v for v in pcs.values()):
-        cat_ids = sorted({c for v in pcs.values() if v for c in v})
-        width = max([8] + [len((cat_names or {}).get(c, str(c))) for c in cat_ids])
-        lines.append("")
-        lines.append(f"{'category':{width}s} {'mask AP':>8s} {'box AP':>8s}")
-        for c in cat_ids:
-            name = (cat_names or {}).get(c, str(c))
-            m = (pcs.get("segm") or {}).get(c, -1.0)
-            b = (pcs.get("bbox") or {}).get(c, -1.0)
-            lines.append(f"{name:{width}s} {_fmt(m):>8s} {_fmt(b):>8s}")
-    return "\n".join(lines)

@@ -1,310 +1,351 @@
-"""``mfdetr evaluate``: COCO mask and box AP of a mask network over a (validation) cache.
+"""``mfdetr evaluate``: COCO mask, box, Boundary and occluded-instance AP of a mask network over a cache.
 
 Flow per batch of cache records: mask network (no detector, no image) -> per image, the top-``topk``
 boxes by final score (detection score x predicted mask IoU with mask scoring) -> probabilities
 ``sigmoid(logits)`` -> paste into the original image only inside each box (per box in worker
 processes on CPU; chunked on the device on GPU, see :mod:`mfdetr.evaluate.paste`) -> threshold -> RLE
 (:mod:`mfdetr.evaluate.coco_results`). Worker processes take one image each, so no more than a few
-images' masks ever exist at once. Then COCOeval (segm and bbox), the AP table, ``summary.json`` and
-optional overlay PNGs.
+images' masks ever exist at once. Then COCOeval (:mod:`mfdetr.evaluate.coco_eval`), ``summary.json``
+and optional overlay PNGs. The result is an :class:`EvalResult`; the CLI prints its table.
 
 Box results (``results_bbox.json``) are the frozen detector's own: the top-``topk`` valid boxes by
 detection score, so the box AP is the detector's box AP on the cached boxes.
-
-The mask-network step (``image_jobs``, ``box_results``) lives in :mod:`mfdetr.evaluate.jobs`, the
-checkpoint metadata and compatibility check (``meta_detector``, ``meta_categories``,
-``check_compatible``, ``level_dicts``) in :mod:`mfdetr.evaluate.meta`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from mfdetr.evaluate.coco_results import (
-    ResultPool,
-    format_table,
-    load_coco,
-    run_cocoeval,
-)
-from mfdetr.evaluate.jobs import box_results, image_jobs
-from mfdetr.evaluate.meta import get, check_compatible, level_dicts, meta_categories, meta_detector  # noqa: F401
 from mfdetr.errors import MfdetrError
+from mfdetr.evaluate.coco_eval import EvalMetrics, evaluate_results, format_table
+from mfdetr.evaluate.coco_results import ResultPool
+from mfdetr.evaluate.config import EvalConfig, prepare_out_dir, write_json
+from mfdetr.evaluate.gt import GroundTruth, load_ground_truth
+from mfdetr.evaluate.jobs import box_results, image_jobs
+from mfdetr.evaluate.meta import check_compatible
+from mfdetr.utils.progress import progress_bar
 
 
-# ------------------------------------------------------------------------------------------ images
-def read_image(path: str | Path) -> np.ndarray:
-    """uint8 ``[3, H, W]`` RGB of an image file (``mfdetr.data.coco.load_image``: the stored pixels,
-    any mode converted to RGB), as numpy."""
-    from mfdetr.data.coco import load_image
+def read_image(path: str | Path, what: str | None = None) -> np.ndarray:
+    """uint8 ``[3, H, W]`` RGB of an image file (the one image reader, :mod:`mfdetr.data.image_io`)."""
+    from mfdetr.data.image_io import load_image
 
-    return load_image(Path(path)).numpy()
+    return load_image(Path(path), what=what).numpy()
 
 
-def _image_path(images_root: str | None, annotations: Path, file_name: str) -> Path:
-    p = Path(file_name)
-    if p.is_absolute():
-        return p
-    root = Path(images_root) if images_root else annotations.parent
-    return root / p
+@dataclass
+class EvalResult:
+    """What ``evaluate`` measured and wrote. APs are COCO fractions in [0, 1] (None where undefined)."""
+
+    metrics: EvalMetrics
+    num_images: int
+    num_detections: int
+    images_per_s: float
+    timing: dict[str, float]
+    files: dict[str, Any]
+    settings: dict[str, Any]
+    categories: dict[int, str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def mask_ap(self) -> float | None:
+        return self.metrics.segm.ap
+
+    @property
+    def box_ap(self) -> float | None:
+        return self.metrics.bbox.ap
+
+    @property
+    def boundary_ap(self) -> float | None:
+        return self.metrics.boundary.ap if self.metrics.boundary is not None else None
+
+    @property
+    def occluded_ap(self) -> float | None:
+        return self.metrics.occluded.ap if self.metrics.occluded is not None else None
+
+    def table(self) -> str:
+        """The AP table the CLI prints."""
+        return format_table(self.metrics, self.categories)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``summary.json`` content (stats dicts per metric, the four APs at the top level)."""
+        m = self.metrics
+        out: dict[str, Any] = {
+            "mask_ap": self.mask_ap,
+            "box_ap": self.box_ap,
+            "boundary_ap": self.boundary_ap,
+            "occluded_ap": self.occluded_ap,
+            "segm": m.segm.stats,
+            "bbox": m.bbox.stats,
+            "boundary": m.boundary.stats if m.boundary is not None else None,
+            "occluded": m.occluded.stats if m.occluded is not None else None,
+            "num_occluded": m.num_occluded,
+            "evaluator": m.evaluator,
+            "degenerate_annotations": m.degenerate,
+            "num_images": self.num_images,
+            "num_detections": self.num_detections,
+            "images_per_s": self.images_per_s,
+            "timing": self.timing,
+            "files": self.files,
+            "settings": self.settings,
+            "warnings": self.warnings,
+        }
+        if m.segm.per_category is not None:
+            out["per_category"] = {"segm": m.segm.per_category, "bbox": m.bbox.per_category}
+            out["categories"] = {str(k): v for k, v in self.categories.items()}
+        return out
 
 
-# --------------------------------------------------------------------------------------- evaluate
+def degenerate_warning(gt: GroundTruth) -> list[str]:
+    """The warning line for the degenerate annotations, naming them by id (the shared wording)."""
+    from mfdetr.data.annotations import describe_degenerate
+
+    if not gt.degenerate:
+        return []
+    return [
+        f"{gt.name}: {describe_degenerate(gt.degenerate)} In evaluation they are ignored regions (their "
+        "boxes): a detection on one is neither a true nor a false positive."
+    ]
+
+
+def _default_out(checkpoint: Path) -> Path:
+    parent = checkpoint.resolve().parent  # <run dir>/eval for <run dir>/checkpoints/last.pt
+    return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
+
+
 def evaluate(
     cache: str,
     checkpoint: Path,
+    cfg: EvalConfig | None = None,
     annotations: Path | None = None,
     out: Path | None = None,
-    topk: int = 100,
-    vis: int = 0,
-    mask_score: bool = True,
-    per_category: bool = False,
-    batch_size: int = 8,
-    workers: int = 2,
-    device: str | torch.device = "cpu",
-    mask_threshold: float = 0.5,
-    progress: bool = True,
-    vis_score_threshold: float = 0.3,
-) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on the done images of ``cache``; returns the summary dict.
+) -> EvalResult:
+    """Evaluate ``checkpoint`` on the done images of ``cache`` (see :class:`EvalConfig` for the options).
 
-    Args:
-        cache: a cache store path or URL (its recorded annotation file is the default GT).
-        checkpoint: a mask-network checkpoint (must match the cache's detector fingerprint and levels).
-        annotations: the COCO annotation JSON (default: the cache's ``dataset.annotations``).
-        out: output directory (default ``<run dir>/eval`` for ``<run dir>/checkpoints/X.pt``, else
-            ``<checkpoint dir>/eval``): ``results_segm.json``,
-            ``results_bbox.json``, ``summary.json``, ``vis/*.png``.
-        topk: masks (and boxes) kept per image, by final score; also COCOeval's maxDets.
-        vis: overlay PNGs for the first ``vis`` images (results >= ``vis_score_threshold``).
-        mask_score: final score = detection score x predicted mask IoU (else the detection score).
-        per_category: also per-category AP (summary and table).
-        batch_size: cache images per mask-network batch.
-        workers: paste/encode worker processes (0 = in process).
-        device: where the mask network (and, off-CPU, the chunked paste) runs.
-        mask_threshold: probability threshold of the pasted masks.
-        progress: print a progress bar and the table.
-
-    Returns:
-        ``{"segm": {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}, "bbox": {...}
-        (the detector's boxes), "num_images", "num_detections", "images_per_s", "timing": {...},
-        "files": {...}, "settings": {...}}`` plus, with ``per_category``, ``"per_category": {"segm":
-        {cat_id: AP}, "bbox": {...}}`` and ``"categories": {cat_id: name}``; COCO fractions in [0, 1]
-        (-1 where undefined). The returned dict also holds ``"table"`` (the printed text).
+    ``annotations``: the COCO ground truth (default: the file the cache was extracted from); ``out``:
+    the output folder (default ``<run dir>/eval`` for ``<run dir>/checkpoints/X.pt``, else
+    ``<checkpoint dir>/eval``) for ``results_segm.json``, ``results_bbox.json``, ``summary.json``, ``vis/``.
     """
     from mfdetr.cache.reader import CacheDataset
     from mfdetr.model.checkpoint import load_mask_net
 
     t_start = time.perf_counter()
+    cfg = (cfg or EvalConfig()).validate()
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise MfdetrError(f"checkpoint {checkpoint} does not exist")
-    dev = torch.device(device)
+    out = prepare_out_dir(Path(out) if out is not None else _default_out(checkpoint))
     ds = CacheDataset(cache, load_targets=False)
-    attrs = ds.attrs
-    dataset_attrs = attrs.get("dataset") or {}
+    dataset_attrs = ds.attrs.get("dataset") or {}
     if annotations is None:
-        ann = dataset_attrs.get("annotations")
-        if not ann:
+        if not dataset_attrs.get("annotations"):
             raise MfdetrError(f"cache {cache} records no annotation file: pass --annotations")
-        annotations = Path(ann)
-    annotations = Path(annotations)
-    if not annotations.exists():
-        raise MfdetrError(f"annotation file {annotations} does not exist: pass --annotations")
+        annotations = Path(dataset_attrs["annotations"])
+    gt = load_ground_truth(annotations)
+    dev = torch.device(cfg.device)
     model, meta = load_mask_net(checkpoint, map_location=dev)
-    check_compatible(meta, attrs, str(cache), checkpoint)
+    check_compatible(meta, ds.attrs, str(cache), checkpoint)
     model = model.to(dev).eval()
     if len(ds) == 0:
         raise MfdetrError(f"cache {cache} has no finished (done) images to evaluate")
-
-    if out is None:  # <run dir>/eval for <run dir>/checkpoints/last.pt
-        parent = checkpoint.resolve().parent
-        out = (parent.parent if parent.name == "checkpoints" else parent) / "eval"
-    out = Path(out)
-    gt = load_coco(annotations)
-    cats = dataset_attrs.get("categories") or gt.loadCats(gt.getCatIds())
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=ds.collate, num_workers=0)
-    settings = {
-        "cache": str(cache),
-        "checkpoint": str(checkpoint),
-        "batch_size": batch_size,
-    }
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=ds.collate, num_workers=0
+    )
     return evaluate_batches(
         model,
         loader,
         gt,
         out,
-        annotations=annotations,
+        cfg,
         images_root=dataset_attrs.get("images"),
-        categories=cats,
+        categories=dataset_attrs.get("categories"),
         num_images=len(ds),
-        topk=topk,
-        vis=vis,
-        mask_score=mask_score,
-        per_category=per_category,
-        workers=workers,
-        device=dev,
-        mask_threshold=mask_threshold,
-        progress=progress,
-        vis_score_threshold=vis_score_threshold,
-        settings=settings,
+        settings={"cache": str(cache), "checkpoint": str(checkpoint)},
         t_start=t_start,
     )
+
+
+def _check_images(batch: dict[str, Any], gt: GroundTruth) -> None:
+    for b, iid in enumerate(batch["image_id"].tolist()):
+        img = gt.imgs.get(int(iid))
+        if img is None:
+            raise MfdetrError(
+                f"cache image id {iid} is not in {gt.name}: the cache was extracted from another "
+                "annotation file (pass the matching --annotations)"
+            )
+        hw = [int(v) for v in batch["orig_size"][b]]
+        if [int(img["height"]), int(img["width"])] != hw:
+            raise MfdetrError(
+                f"image id {iid}: the cache says size {hw} (h, w) but {gt.name} says "
+                f"{[img['height'], img['width']]}: the cache and the annotation file do not match"
+            )
+
+
+@dataclass
+class _Collected:
+    segm: list[dict[str, Any]] = field(default_factory=list)
+    bbox: list[dict[str, Any]] = field(default_factory=list)
+    image_ids: list[int] = field(default_factory=list)
+    t_model: float = 0.0
+    t_wait: float = 0.0
+    t_masks: float = 0.0
+
+
+def _infer(
+    model,
+    batches: Iterable[dict[str, Any]],
+    gt: GroundTruth,
+    cfg: EvalConfig,
+    num_images: int | None,
+    paste_on_device: bool | None,
+) -> _Collected:
+    """The mask network over every batch, pasting and encoding in worker processes."""
+    c = _Collected()
+    dev = torch.device(cfg.device)
+    bar = progress_bar(total=num_images, desc="evaluate", unit="img", enabled=cfg.progress)
+
+    def collect(items) -> None:
+        t0 = time.perf_counter()
+        for _, res in items:
+            c.segm.extend(res)
+        c.t_wait += time.perf_counter() - t0
+
+    t_loop = time.perf_counter()
+    with ResultPool(cfg.workers) as pool:
+        for batch in batches:
+            t0 = time.perf_counter()
+            _check_images(batch, gt)
+            jobs = image_jobs(
+                model,
+                batch,
+                cfg.topk,
+                cfg.mask_score,
+                cfg.mask_threshold,
+                dev,
+                paste_on_device=paste_on_device,
+            )
+            c.bbox.extend(box_results(batch, cfg.topk))
+            c.t_model += time.perf_counter() - t0
+            for job in jobs:
+                c.image_ids.append(job["image_id"])
+                job.pop("det_scores", None)
+                collect(pool.submit(job["image_id"], job))
+            bar.update(len(jobs))
+        collect(pool.drain())
+    bar.close()
+    c.t_masks = time.perf_counter() - t_loop
+    return c
+
+
+def _image_path(images_root: str | None, gt: GroundTruth, file_name: str) -> Path:
+    p = Path(file_name)
+    if p.is_absolute():
+        return p
+    root = Path(images_root) if images_root else (gt.path.parent if gt.path is not None else Path("."))
+    return root / p
+
+
+def _overlays(
+    out: Path,
+    gt: GroundTruth,
+    c: _Collected,
+    cfg: EvalConfig,
+    images_root: str | None,
+    cat_names: dict[int, str],
+) -> list[str]:
+    from mfdetr.evaluate.overlays import save_overlay
+
+    vis_ids = c.image_ids[: cfg.vis]
+    by_img: dict[int, list[dict[str, Any]]] = {i: [] for i in vis_ids}
+    for r in c.segm:
+        if r["image_id"] in by_img:
+            by_img[r["image_id"]].append(r)
+    files = []
+    for iid in vis_ids:
+        path = _image_path(images_root, gt, gt.imgs[iid]["file_name"])
+        try:
+            image = read_image(path, what=f"image id {iid} (for --vis)")
+        except MfdetrError as e:
+            raise MfdetrError(f"{e} (or pass --vis 0)") from None
+        try:
+            saved = save_overlay(
+                out / "vis" / f"{iid}.png", image, by_img[iid], cat_names, cfg.vis_score_threshold
+            )
+        except OSError as e:
+            raise MfdetrError(
+                f"cannot write overlay {out / 'vis' / f'{iid}.png'}: {e.strerror or e}"
+            ) from None
+        files.append(str(saved))
+    return files
 
 
 def evaluate_batches(
     model: torch.nn.Module,
     batches: Iterable[dict[str, Any]],
-    gt: Any,
+    gt: GroundTruth,
     out: Path,
-    annotations: Path | None = None,
+    cfg: EvalConfig | None = None,
     images_root: str | None = None,
     categories: Sequence[dict[str, Any]] | None = None,
     num_images: int | None = None,
-    topk: int = 100,
-    vis: int = 0,
-    mask_score: bool = True,
-    per_category: bool = False,
-    workers: int = 2,
-    device: str | torch.device = "cpu",
-    mask_threshold: float = 0.5,
-    progress: bool = True,
-    vis_score_threshold: float = 0.3,
     settings: dict[str, Any] | None = None,
     t_start: float | None = None,
     paste_on_device: bool | None = None,
-) -> dict[str, Any]:
-    """The evaluation loop over any iterable of batches (``collate_records`` format) with a loaded
-    model and a pycocotools ``gt``; :func:`evaluate` is this over a cache. Same outputs and summary."""
+) -> EvalResult:
+    """The evaluation over any iterable of batches (``collate_records`` format) with a loaded model and
+    a :class:`GroundTruth`; :func:`evaluate` is this over a cache. Writes the results JSONs,
+    ``summary.json`` and the overlays to ``out``."""
     t_start = time.perf_counter() if t_start is None else t_start
-    dev = torch.device(device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cats = categories or gt.loadCats(gt.getCatIds())
+    cfg = (cfg or EvalConfig()).validate()
+    out = prepare_out_dir(out)
+    cats = categories or gt.categories()
     cat_names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
-    ann_name = str(annotations) if annotations is not None else "the annotation file"
-    seg_results: list[dict[str, Any]] = []
-    bbox_results: list[dict[str, Any]] = []
-    image_ids: list[int] = []
-    vis_ids: list[int] = []
-    t_model = t_wait = 0.0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=num_images, desc="evaluate", unit="img", leave=False)
-
-    def collect(items):
-        nonlocal t_wait
-        t0 = time.perf_counter()
-        for _, res in items:
-            seg_results.extend(res)
-        t_wait += time.perf_counter() - t0
-
-    t_loop = time.perf_counter()
-    with ResultPool(workers) as pool:
-        it = iter(batches)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(it, None)
-            if batch is None:
-                break
-            for b, iid in enumerate(batch["image_id"].tolist()):
-                img = gt.imgs.get(int(iid))
-                if img is None:
-                    raise MfdetrError(
-                        f"cache image id {iid} is not in {ann_name}: the cache was extracted from another "
-                        "annotation file (pass the matching --annotations)"
-                    )
-                hw = [int(v) for v in batch["orig_size"][b]]
-                if "height" in img and "width" in img and [int(img["height"]), int(img["width"])] != hw:
-                    raise MfdetrError(
-                        f"image id {iid}: the cache says size {hw} (h, w) but {ann_name} says "
-                        f"{[img['height'], img['width']]}: the cache and the annotation file do not match"
-                    )
-            jobs = image_jobs(model, batch, topk, mask_score, mask_threshold, dev, paste_on_device=paste_on_device)
-            bbox_results.extend(box_results(batch, topk))
-            t_model += time.perf_counter() - t0
-            for job in jobs:
-                image_ids.append(job["image_id"])
-                if len(vis_ids) < vis:
-                    vis_ids.append(job["image_id"])
-                job.pop("det_scores", None)
-                collect(pool.submit(job["image_id"], job))
-            if bar is not None:
-                bar.update(len(jobs))
-        collect(pool.drain())
-    if bar is not None:
-        bar.close()
-    t_masks = time.perf_counter() - t_loop
-    if not image_ids:
+    c = _infer(model, batches, gt, cfg, num_images, paste_on_device)
+    if not c.image_ids:
         raise MfdetrError("nothing to evaluate: no images")
-
-    segm_path, bbox_path = out / "results_segm.json", out / "results_bbox.json"
-    with open(segm_path, "w") as f:
-        json.dump(seg_results, f)
-    with open(bbox_path, "w") as f:
-        json.dump(bbox_results, f)
-
-    t0 = time.perf_counter()
-    segm = run_cocoeval(gt, seg_results, "segm", image_ids, topk, per_category)
-    bbox = run_cocoeval(gt, bbox_results, "bbox", image_ids, topk, per_category)
-    t_eval = time.perf_counter() - t0
-
-    vis_files = []
-    if vis_ids:
-        from mfdetr.evaluate.overlays import save_overlay
-
-        by_img: dict[int, list[dict[str, Any]]] = {i: [] for i in vis_ids}
-        for r in seg_results:
-            if r["image_id"] in by_img:
-                by_img[r["image_id"]].append(r)
-        for iid in vis_ids:
-            info = gt.imgs[iid]
-            path = _image_path(images_root, Path(annotations) if annotations else Path("."), info["file_name"])
-            try:
-                image = read_image(path)
-            except (OSError, MfdetrError) as e:
-                raise MfdetrError(f"cannot read image {path} (image id {iid}) for --vis: {e}") from e
-            vis_files.append(
-                str(save_overlay(out / "vis" / f"{iid}.png", image, by_img[iid], cat_names, vis_score_threshold))
-            )
-
-    total = time.perf_counter() - t_start
-    summary: dict[str, Any] = {
-        "segm": segm["stats"],
-        "bbox": bbox["stats"],
-        "num_images": len(image_ids),
-        "num_detections": len(seg_results),
-        "images_per_s": len(image_ids) / max(t_masks, 1e-9),
-        "timing": {"masks_s": t_masks, "model_s": t_model, "encode_wait_s": t_wait, "cocoeval_s": t_eval, "total_s": total},
-        "files": {"results_segm": str(segm_path), "results_bbox": str(bbox_path), "vis": vis_files},
-        "settings": {
-            **(settings or {}),
-            "annotations": str(annotations) if annotations is not None else None,
-            "topk": topk,
-            "mask_score": mask_score,
-            "mask_threshold": mask_threshold,
-            "device": str(dev),
-            "workers": workers,
-        },
+    files: dict[str, Any] = {
+        "results_segm": str(write_json(out / "results_segm.json", c.segm)),
+        "results_bbox": str(write_json(out / "results_bbox.json", c.bbox)),
     }
-    if per_category:
-        summary["per_category"] = {"segm": segm["per_category"], "bbox": bbox["per_category"]}
-        summary["categories"] = {str(k): v for k, v in cat_names.items()}
-    with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    summary["files"]["summary"] = str(out / "summary.json")
-    summary["table"] = format_table(summary, cat_names)
-    if progress:
-        print(summary["table"])
-        print(
-            f"{len(image_ids)} images, {len(seg_results)} masks, {summary['images_per_s']:.1f} images/s "
-            f"(masks), COCOeval {t_eval:.1f} s -> {out}"
-        )
-    return summary
+    t0 = time.perf_counter()
+    metrics = evaluate_results(
+        gt,
+        c.segm,
+        c.bbox,
+        c.image_ids,
+        cfg.topk,
+        cfg.per_category,
+        cfg.evaluator,
+        threads=max(1, cfg.workers),
+        boundary=cfg.boundary,
+    )
+    t_eval = time.perf_counter() - t0
+    files["vis"] = _overlays(out, gt, c, cfg, images_root, cat_names) if cfg.vis else []
+    timing = {"masks_s": c.t_masks, "model_s": c.t_model, "encode_wait_s": c.t_wait, "cocoeval_s": t_eval}
+    run_settings = {
+        **(settings or {}),
+        "annotations": str(gt.path) if gt.path is not None else None,
+        **{k: v for k, v in vars(cfg).items() if k != "progress"},
+    }
+    result = EvalResult(
+        metrics,
+        len(c.image_ids),
+        len(c.segm),
+        len(c.image_ids) / max(c.t_masks, 1e-9),
+        timing,
+        files,
+        run_settings,
+        cat_names,
+        degenerate_warning(gt),
+    )
+    result.files["summary"] = str(out / "summary.json")
+    result.timing["total_s"] = time.perf_counter() - t_start
+    write_json(out / "summary.json", result.summary(), indent=2)
+    return result

@@ -4,8 +4,9 @@ that a cache was extracted with the same detector and levels (used by ``evaluate
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from mfdetr.detectors.base import level_dicts
 from mfdetr.errors import MfdetrError
 
 
@@ -15,14 +16,6 @@ def get(obj: Any, key: str, default: Any = None) -> Any:
     if isinstance(obj, dict):
         return obj.get(key, default)
     return getattr(obj, key, default)
-
-
-def level_dicts(levels: Sequence[Any] | None) -> list[dict[str, Any]]:
-    """LevelSpec objects or dicts -> ``[{name, stride, channels}]``."""
-    out = []
-    for lv in levels or []:
-        out.append({"name": str(get(lv, "name")), "stride": int(get(lv, "stride")), "channels": int(get(lv, "channels"))})
-    return out
 
 
 def meta_detector(meta: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +39,12 @@ def meta_detector(meta: dict[str, Any]) -> dict[str, Any]:
 
 def meta_categories(meta: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The dataset categories a checkpoint recorded (``[{id, name}]``), if any."""
-    for holder in (meta, meta.get("dataset") or {}, meta.get("cache") or {}, (meta.get("cache") or {}).get("dataset") or {}):
+    for holder in (
+        meta,
+        meta.get("dataset") or {},
+        meta.get("cache") or {},
+        (meta.get("cache") or {}).get("dataset") or {},
+    ):
         cats = holder.get("categories") if isinstance(holder, dict) else None
         if cats:
             return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats]
@@ -67,7 +65,9 @@ def check_compatible(meta: dict[str, Any], cache_attrs: dict[str, Any], cache: s
     cache_levels = {d["name"]: d for d in level_dicts(have.get("levels"))}
     for lv in want["levels"]:
         got = cache_levels.get(lv["name"])
-        if cache_levels and (got is None or got["stride"] != lv["stride"] or got["channels"] != lv["channels"]):
+        if cache_levels and (
+            got is None or got["stride"] != lv["stride"] or got["channels"] != lv["channels"]
+        ):
             raise MfdetrError(
                 f"checkpoint {checkpoint} needs feature level {lv} that cache {cache} does not hold as such "
                 f"(cache levels: {list(cache_levels.values())}): extract the cache with the same levels"

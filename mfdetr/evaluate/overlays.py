@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import colorsys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -70,8 +71,8 @@ def draw_overlay(
         name = (cat_names or {}).get(int(r["category_id"]), str(r["category_id"]))
         text = f"{name} {r['score']:.2f}"
         tx, ty = x, max(y - size - 3, 0)
-        l, t, rr, bb = draw.textbbox((tx, ty), text, font=font)
-        draw.rectangle([l - 1, t - 1, rr + 1, bb + 1], fill=c)
+        left, t, rr, bb = draw.textbbox((tx, ty), text, font=font)
+        draw.rectangle([left - 1, t - 1, rr + 1, bb + 1], fill=c)
         draw.text((tx, ty), text, fill=(0, 0, 0), font=font)
     return out
 

@@ -55,7 +55,9 @@ def box_extent(box: np.ndarray | list[float], height: int, width: int) -> tuple[
     return ya, yb, xa, xb
 
 
-def _axis_taps_np(lo: float, hi: float, start: int, length: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _axis_taps_np(
+    lo: float, hi: float, start: int, length: int, m: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear taps of pixels ``start..start+length-1`` on a box side ``[lo, hi]`` sampled by ``m`` cells.
 
     Returns ``(i0, i1, w0, w1)``: indices into the zero-PADDED mask axis (``m + 2`` long: 0 and m+1 are
@@ -74,7 +76,9 @@ def _axis_taps_np(lo: float, hi: float, start: int, length: int, m: int) -> tupl
     )
 
 
-def paste_box_np(prob: np.ndarray, box: np.ndarray | list[float], height: int, width: int) -> tuple[np.ndarray, int, int]:
+def paste_box_np(
+    prob: np.ndarray, box: np.ndarray | list[float], height: int, width: int
+) -> tuple[np.ndarray, int, int]:
     """Paste one ``[M, M]`` probability map into its box.
 
     Returns ``(values [h, w] float32, y0, x0)``: the pasted probabilities over the box's pixel extent.
@@ -95,7 +99,9 @@ def paste_box_np(prob: np.ndarray, box: np.ndarray | list[float], height: int, w
     return vals, ya, xa
 
 
-def paste_crops_np(probs: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5) -> list[Crop]:
+def paste_crops_np(
+    probs: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5
+) -> list[Crop]:
     """Per box on CPU: ``probs [N, M, M]``, ``boxes [N, 4]`` xyxy original px -> N thresholded crops."""
     crops = []
     for prob, box in zip(probs, boxes):

@@ -4,23 +4,27 @@ The same modules as evaluation: ``records_from_detections`` + ``collate_records`
 mask network was trained on, :func:`mfdetr.evaluate.jobs.image_jobs` picks the boxes and scores,
 :func:`mfdetr.evaluate.coco_results.image_results` pastes and encodes. On the same images (and the same
 detector fingerprint) the masks equal ``evaluate``'s over a cache, up to the cache's storage dtype.
+Unreadable images stop the run with an error naming the file, or, with ``skip_bad``, are skipped and
+listed in :attr:`PredictResult.skipped`.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from mfdetr.data.image_io import load_image
+from mfdetr.errors import MfdetrError
 from mfdetr.evaluate.coco_results import image_results
+from mfdetr.evaluate.config import PredictConfig, prepare_out_dir, write_json
 from mfdetr.evaluate.jobs import image_jobs
 from mfdetr.evaluate.meta import meta_categories, meta_detector
-from mfdetr.evaluate.evaluation import read_image
-from mfdetr.errors import MfdetrError
+from mfdetr.utils.progress import progress_bar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -50,55 +54,26 @@ def _overlay_name(path: Path, used: set[str]) -> str:
     return name + ".png"
 
 
-def predict(
-    detector_spec: str | None,
-    checkpoint: Path,
-    images: Sequence[Path],
-    out: Path,
-    score_threshold: float = 0.3,
-    topk: int = 100,
-    device: str | torch.device = "cpu",
-    mask_score: bool = True,
-    categories: list[dict[str, Any]] | None = None,
-    batch_size: int = 4,
-    mask_threshold: float = 0.5,
-    vis: bool = True,
-    allow_detector_mismatch: bool = False,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Predict instance masks for ``images``; writes ``out/predictions.json`` and ``out/vis/*.png``.
+@dataclass
+class PredictResult:
+    """What ``predict`` wrote: ``results`` (also ``predictions.json``) are COCO-style dicts, one per mask:
+    ``image_id`` (position of the image in the expanded input list), ``file_name``, ``category_id``,
+    ``category_name``, ``bbox`` (xywh), ``score``, ``det_score``, ``segmentation`` (RLE, counts as str).
+    ``skipped``: ``(file, reason)`` of the unreadable images skipped with ``skip_bad``."""
 
-    Args:
-        detector_spec: detector spec (``hf:PATH``, ``shapes``, ``py:mod:fn``); None = the one the
-            checkpoint records. It is built with the checkpoint's levels and top-k, so its fingerprint
-            must equal the checkpoint's (else an error, or a warning with ``allow_detector_mismatch``).
-        checkpoint: mask-network checkpoint.
-        images: image files (folders are expanded to their image files).
-        out: output folder.
-        score_threshold: keep results whose final score is at least this.
-        topk: at most this many results per image (best final score first).
-        device: torch device of the detector and the mask network.
-        mask_score: final score = detection score x predicted mask IoU (else the detection score).
-        categories: ``[{id, name}]`` for label names and the detector's label mapping (default: the
-            checkpoint's recorded dataset categories; without any, labels are shown as ids).
-        batch_size: images per detector / mask-network batch.
-        mask_threshold: probability threshold of the pasted masks.
-        vis: write overlay PNGs.
+    results: list[dict[str, Any]]
+    num_images: int
+    files: dict[str, Any]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
-    Returns:
-        COCO-style results, one dict per mask: ``image_id`` (position in ``images``), ``file_name``,
-        ``category_id``, ``category_name``, ``bbox`` (xywh), ``score``, ``det_score``,
-        ``segmentation`` (RLE, counts as str).
-    """
-    from mfdetr.cache.batch import collate_records, records_from_detections
+
+def _build(checkpoint: Path, detector_spec: str | None, categories, cfg: PredictConfig):
+    """The mask network and the detector it was trained on (fingerprint and levels checked)."""
     from mfdetr.detectors.registry import build_detector
-    from mfdetr.model.checkpoint import load_mask_net
+    from mfdetr.model.checkpoint import checkpoint_label_map, load_mask_net
 
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise MfdetrError(f"checkpoint {checkpoint} does not exist")
-    paths = expand_images(images)
-    dev = torch.device(device)
+    dev = torch.device(cfg.device)
     model, meta = load_mask_net(checkpoint, map_location=dev)
     model = model.to(dev).eval()
     info = meta_detector(meta)
@@ -106,73 +81,106 @@ def predict(
     if not spec:
         raise MfdetrError(f"checkpoint {checkpoint} records no detector spec: pass --detector")
     cats = categories or meta_categories(meta)
-    cat_names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats or []}
     det_levels = [lv["name"] for lv in (info["detector_levels"] or info["levels"])] or None
-    det_topk = int(info["topk"]) if info["topk"] else topk
-    detector = build_detector(spec, categories=cats, device=str(dev), levels=det_levels, topk=det_topk)
+    det_topk = int(info["topk"]) if info["topk"] else cfg.topk
+    # the label map of the cache's detector (part of its fingerprint), for that same detector only
+    label_map = checkpoint_label_map(meta) if spec == info["spec"] else None
+    detector = build_detector(
+        spec, categories=cats, device=str(dev), levels=det_levels, topk=det_topk, label_map=label_map
+    )
     if info["fingerprint"] and detector.fingerprint != info["fingerprint"]:
         msg = (
             f"detector {spec!r} has fingerprint {detector.fingerprint[:12]} but checkpoint {checkpoint} was "
             f"trained on {info['spec']!r} with fingerprint {str(info['fingerprint'])[:12]} (other weights, "
             "preprocessing, levels or top-k): the masks will not be what the mask network learned"
         )
-        if not allow_detector_mismatch:
+        if not cfg.allow_detector_mismatch:
             raise MfdetrError(msg + "; pass --allow-detector-mismatch to run anyway")
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)
     missing = [d["name"] for d in info["levels"] if d["name"] not in {lv.name for lv in detector.levels}]
     if missing:
         raise MfdetrError(
-            f"detector {spec!r} gives levels {[lv.name for lv in detector.levels]} but checkpoint {checkpoint} "
-            f"reads level(s) {missing}"
+            f"detector {spec!r} gives levels {[lv.name for lv in detector.levels]} but checkpoint "
+            f"{checkpoint} reads level(s) {missing}"
         )
+    cat_names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats or []}
+    return model, detector, det_topk, cat_names
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _read(
+    paths: Sequence[Path], skip_bad: bool, skipped: list[tuple[str, str]]
+) -> list[tuple[int, Path, Any]]:
+    """(position, path, [3,H,W] tensor) of the readable images; the others stop the run or are skipped."""
+    out = []
+    for pos, p in paths:
+        try:
+            out.append((pos, p, load_image(p, what=str(p))))
+        except MfdetrError as e:
+            if not skip_bad:
+                raise
+            skipped.append((str(p), str(e)))
+    return out
+
+
+def predict(
+    checkpoint: Path,
+    images: Sequence[str | Path],
+    out: Path,
+    cfg: PredictConfig | None = None,
+    detector: str | None = None,
+    categories: list[dict[str, Any]] | None = None,
+) -> PredictResult:
+    """Predict instance masks for ``images`` (files; folders expand to their image files); writes
+    ``out/predictions.json`` and, with ``cfg.vis``, ``out/vis/*.png``.
+
+    ``detector``: a spec (``hf:PATH``, ``shapes``, ``py:mod:fn``); None = the one the checkpoint records.
+    It is built with the checkpoint's levels and top-k, so its fingerprint must equal the checkpoint's.
+    ``categories``: ``[{id, name}]`` for label names and the detector's label mapping (default: the
+    checkpoint's recorded dataset categories).
+    """
+    from mfdetr.cache.batch import collate_records, records_from_detections
+    from mfdetr.evaluate.overlays import save_overlay
+
+    cfg = (cfg or PredictConfig()).validate()
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise MfdetrError(f"checkpoint {checkpoint} does not exist")
+    paths = expand_images(images)
+    out = prepare_out_dir(Path(out))
+    model, det, det_topk, cat_names = _build(checkpoint, detector, categories, cfg)
+    dev = torch.device(cfg.device)
     results: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    vis_files: list[str] = []
     used: set[str] = set()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(paths), desc="predict", unit="img", leave=False)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        imgs = []
-        for p in chunk:
-            try:
-                im = read_image(p)
-            except OSError as e:
-                raise MfdetrError(f"cannot read image {p}: {e}") from e
-            imgs.append(torch.as_tensor(im))
-        outputs = detector.detect([im.to(dev) for im in imgs])
+    bar = progress_bar(total=len(paths), desc="predict", unit="img", enabled=cfg.progress)
+    indexed = list(enumerate(paths))
+    for start in range(0, len(indexed), cfg.batch_size):
+        chunk = _read(indexed[start : start + cfg.batch_size], cfg.skip_bad, skipped)
+        bar.update(min(cfg.batch_size, len(indexed) - start))
+        if not chunk:
+            continue
+        outputs = det.detect([im.to(dev) for _, _, im in chunk])
         records = records_from_detections([o.to("cpu") for o in outputs], topk=det_topk)
-        for j, r in enumerate(records):
-            r["index"] = r["image_id"] = start + j
-        batch = collate_records(records, detector.levels)
-        jobs = image_jobs(model, batch, topk, mask_score, mask_threshold, dev, score_threshold)
-        for j, job in enumerate(jobs):
-            path = chunk[j]
-            n = len(job["scores"])
+        for (pos, _, _), r in zip(chunk, records):
+            r["index"] = r["image_id"] = pos
+        batch = collate_records(records, det.levels)
+        jobs = image_jobs(
+            model, batch, cfg.topk, cfg.mask_score, cfg.mask_threshold, dev, cfg.score_threshold
+        )
+        for (_, path, im), job in zip(chunk, jobs):
+            labels = [int(v) for v in job["labels"]]
             job["extra"] = [
-                {
-                    "file_name": str(path),
-                    "category_name": cat_names.get(int(job["labels"][k]), str(int(job["labels"][k]))),
-                    "det_score": float(job["det_scores"][k]),
-                }
-                for k in range(n)
+                {"file_name": str(path), "category_name": cat_names.get(lab, str(lab)), "det_score": float(d)}
+                for lab, d in zip(labels, job["det_scores"])
             ]
             res = image_results(job)
             results.extend(res)
-            if vis:
-                from mfdetr.evaluate.overlays import save_overlay
-
-                save_overlay(out / "vis" / _overlay_name(path, used), imgs[j].numpy(), res, cat_names, score_threshold)
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    with open(out / "predictions.json", "w") as f:
-        json.dump(results, f)
-    if progress:
-        print(f"{len(paths)} images, {len(results)} masks -> {out / 'predictions.json'}", file=sys.stderr)
-    return results
+            if cfg.vis:
+                target = out / "vis" / _overlay_name(path, used)
+                vis_files.append(str(save_overlay(target, im.numpy(), res, cat_names, cfg.score_threshold)))
+    bar.close()
+    pred_file = write_json(out / "predictions.json", results)
+    warns = [f"skipped unreadable image {f}: {why}" for f, why in skipped]
+    files = {"predictions": str(pred_file), "vis": vis_files}
+    return PredictResult(results, len(paths) - len(skipped), files, skipped, warns)

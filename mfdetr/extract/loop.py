@@ -29,11 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from mfdetr.cache.integrity import repair_scan
 from mfdetr.cache.schema import ExtractOptions, MatchOptions
 from mfdetr.cache.writer import BlockWriter, create_or_open, float16_warnings, is_url
 from mfdetr.extract.plan import DEFAULT_CACHE_ROOT  # noqa: F401  (re-export)
+from mfdetr.cache.storage import calibrate, needs_calibration, stored_calibration
 from mfdetr.extract.plan import (
     ExtractResult,
+    calibration_samples,
+    check_disk_space,
+    check_output,
+    dataset_input_sizes,
+    dataset_warnings,
+    disk_full_during_extract,
     detector_for,
     dist_info,
     make_batches,
@@ -44,6 +52,9 @@ from mfdetr.extract.plan import (
 from mfdetr.extract.source import FATAL, BatchSource, identity
 from mfdetr.extract.writers import ProcessWriter, ThreadWriter
 from mfdetr.errors import MfdetrError
+from mfdetr.utils.device import resolve_device
+from mfdetr.utils.fs import is_disk_full
+from mfdetr.utils.progress import progress_bar
 
 __all__ = ["ExtractOptions", "MatchOptions", "ExtractResult", "extract", "resolve_store_path", "parse_shard"]
 
@@ -62,6 +73,8 @@ def extract(
     shard: tuple[int, int] | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    repair: bool = False,
+    force: bool = False,
 ) -> ExtractResult:
     """Run ``detector_spec`` (a spec string, or a FrozenDetector object) over the COCO dataset and
     write (or complete, or reuse) its cache; see the module doc. Resumes by default.
@@ -69,6 +82,10 @@ def extract(
     workers: DataLoader processes decoding images and masks (0 = in this process).
     writers: processes converting, matching, compressing and writing blocks (0 = one thread of
         this process; raise it when the detector is fast, e.g. on a GPU, and cores are free).
+    repair: check every done block's objects against its integrity manifest (crc32c: reads the whole
+        cache) and rewrite a damaged root zarr.json; a plain run checks presence + sizes only. Damaged
+        or missing blocks are re-extracted either way (``ExtractResult.repaired``).
+    force: extract even when the estimated cache size exceeds the target disk's free space.
     """
     from mfdetr.data.coco import CocoDataset
     import torchvision.ops  # noqa: F401  (slow first import: keep it out of the writer thread)
@@ -78,6 +95,8 @@ def extract(
     if batch_size < 1:
         raise MfdetrError(f"batch size must be >= 1, got {batch_size}")
     images, annotations = Path(images), Path(annotations)
+    device = str(resolve_device(device))
+    check_output(out, cache_root)
     dataset = CocoDataset(annotations, images, skip_bad=skip_bad, load_masks=True)
     if isinstance(detector_spec, str):
         detector = detector_for(detector_spec, dataset, opts, device)
@@ -90,6 +109,11 @@ def extract(
     path = resolve_store_path(spec, annotations, fp, out, cache_root)
     if not is_url(path) and cache_root is not None:
         Path(cache_root).mkdir(parents=True, exist_ok=True)
+    need = check_disk_space(path, meta, dataset_input_sizes(detector, dataset), force)
+    if needs_calibration(meta["options"]):  # projections / int8 ranges: fitted once, then read back
+        meta["storage"] = stored_calibration(path, fp) or calibrate(
+            meta["options"], meta["detector"]["levels"],
+            calibration_samples(detector, dataset, int(meta["options"]["calib_images"]), opts.topk))
 
     # who owns which blocks
     rank, world, use_dist, own_pg = dist_info()
@@ -105,7 +129,7 @@ def extract(
         err = [None]
         if rank == 0:
             try:
-                create_or_open(path, meta, create=True)
+                create_or_open(path, meta, create=True, repair=repair)
             except MfdetrError as e:
                 err = [str(e)]
         dist.broadcast_object_list(err, src=0)
@@ -113,9 +137,11 @@ def extract(
             raise MfdetrError(err[0])
         group = create_or_open(path, meta, create=(rank == 0))
     else:
-        group = create_or_open(path, meta, create=True)
+        group = create_or_open(path, meta, create=True, repair=repair)
     writer = BlockWriter(group, meta)
     owned = list(range(wid, writer.num_blocks, wtotal))
+    repaired, repaired_files = repair_scan(group, meta, owned, full=repair)
+    writer.clear_blocks(repaired)  # rewritten whole below, as if never written
     pending = writer.pending_blocks(owned)
     t_setup = time.perf_counter() - t_start
 
@@ -136,10 +162,8 @@ def extract(
         use_procs = writers > 0 and not str(path).startswith("memory://")
         bg: Any = (ProcessWriter(path, meta, int(writers), maxsize) if use_procs
                    else ThreadWriter(writer, meta, maxsize))
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_todo, unit="img", desc=f"extract {Path(str(path)).name}", disable=not progress or rank != 0,
-                   dynamic_ncols=True, smoothing=0.1)
+        bar = progress_bar(total=n_todo, desc=f"extract {Path(str(path)).name}", enabled=progress and rank == 0,
+                           leave=True, smoothing=0.1)
         try:
             it = iter(loader)
             while True:
@@ -172,8 +196,10 @@ def extract(
             if write_cpu is not None:
                 timings["write_cpu"] = write_cpu
             timings["final_write_wait"] = time.perf_counter() - t0
-        except BaseException:
+        except BaseException as e:
             bg.abort()
+            if is_disk_full(e):
+                raise disk_full_during_extract(path, need) from e
             raise
         finally:
             bar.close()
@@ -191,5 +217,7 @@ def extract(
     timings["images_per_s"] = written / timings["total"] if written else 0.0
     return ExtractResult(
         path=path, fingerprint=fp, num_images=writer.n, images_done=done, images_bad=n_bad, images_written=written,
-        reused=not pending, bad=bad, timings=timings, rank=rank, world=world, warnings=warns,
+        reused=not pending, bad=bad, timings=timings, rank=rank, world=world,
+        warnings=dataset_warnings(dataset, detector) + warns,
+        repaired=repaired, repaired_files=repaired_files,
     )

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mfdetr.cache.schema import FEAT_GROUP
+from mfdetr.cache.schema import FEAT_GROUP, QPARAM_GROUP
+from mfdetr.cache.storage import StorageCodec
 from mfdetr.cache.writer import BlockWriter, encode_float
 from mfdetr.errors import MfdetrError
 from mfdetr.extract.matching import compute_targets
@@ -36,6 +37,7 @@ class Sink:
         self.d = int(meta["detector"]["query_dim"])
         self.f16_stats: dict[str, dict[str, int]] = {}
         self._n_encoded = 0
+        self.codec = StorageCodec(meta)
 
     def _stats(self, name: str) -> dict[str, int] | None:
         # float16 range statistics on a sample of images (the first 8, then 1 in 16): underflow is
@@ -82,6 +84,14 @@ class Sink:
                                   f"(it returned {sorted(o.features)})")
             f = o.features[name]
             sizes.append([int(f.shape[1]), int(f.shape[2])])
+            if self.codec.active:  # projection / box masking / quantization (mfdetr/cache/storage.py)
+                f, reg = self.codec.pre(name, f, boxes, n, o.scale)
+                if self.codec.quant:
+                    q, params = self.codec.quantize(name, f, reg)
+                    vals[f"{FEAT_GROUP}/{name}"] = q
+                    if params is not None:
+                        vals[f"{QPARAM_GROUP}/{name}"] = params
+                    continue
             vals[f"{FEAT_GROUP}/{name}"] = encode_float(f, self.dtype, self.keepbits, self._stats(f"level {name}"))
         vals["feat_size"] = np.asarray(sizes, np.int32)
         if tuple(gt["orig_size"]) != tuple(int(v) for v in o.orig_size):

@@ -14,6 +14,7 @@ import torch
 from mfdetr.cache.writer import BlockWriter, create_or_open
 from mfdetr.extract.sink import Sink
 from mfdetr.errors import MfdetrError
+from mfdetr.utils.fs import is_disk_full
 
 
 class ThreadWriter:
@@ -95,7 +96,8 @@ def _writer_process_main(path: str, meta: dict[str, Any], q_in: Any, q_out: Any,
             sink.handle(item)
         q_out.put(("done", sink.written, sink.busy_s, sink.f16_stats, sink.busy_cpu_s))
     except BaseException as e:
-        q_out.put(("error", type(e).__name__, str(e), traceback.format_exc(), isinstance(e, MfdetrError)))
+        q_out.put(("error", type(e).__name__, str(e), traceback.format_exc(), isinstance(e, MfdetrError),
+                   getattr(e, "errno", None)))
 
 
 class ProcessWriter:
@@ -123,7 +125,9 @@ class ProcessWriter:
                 break
             if msg[0] == "error":
                 self.abort()
-                _, kind, text, tb, user = msg
+                _, kind, text, tb, user, err_no = msg
+                if is_disk_full(OSError(err_no, text)):  # the extract process names the bytes needed
+                    raise OSError(err_no, text)
                 if user:
                     raise MfdetrError(text)
                 raise RuntimeError(f"cache writer process failed: {kind}: {text}\n{tb}")

@@ -54,6 +54,10 @@ class MaskNetConfig:
     mask_predictor: ``"dot"`` (mask logit per pixel = box feature . projected query, the paper's
         dynamic mask head) or ``"conv"`` (a 1x1 conv, query-free).
     mask_upsample: the mask logits are bilinearly upsampled by this factor (M = roi_size * factor).
+    query_prior: side G of a query-predicted shape prior (0 = off): an MLP maps the box's projected
+        query to G x G logits, upsampled and added to the mask logits (zero-initialised), so the
+        query's class/pose knowledge draws the coarse shape where the stride-4 features are too coarse
+        (small boxes) and the features only have to place the boundary.
     iou_head: predict each box's mask IoU (mask scoring; final score = detection score x IoU).
     fcn_roi_size / fcn_convs / fcn_dim: the FCN baseline's RoIAlign size, number of 3x3 convs and
         width (0 = ``dim``); its masks are ``2 * fcn_roi_size`` after the deconv.
@@ -78,6 +82,7 @@ class MaskNetConfig:
     query_fusion: Literal["film", "add", "none"] = "film"
     mask_predictor: Literal["dot", "conv"] = "dot"
     mask_upsample: int = 1
+    query_prior: int = 0
     iou_head: bool = True
     fcn_roi_size: int = 14
     fcn_convs: int = 4
@@ -103,6 +108,13 @@ class LossConfig:
     iou_unmatched: also train the IoU head on unmatched valid boxes with target 0 (false positives
         and duplicates then get a low final score = detection score x predicted IoU).
     unmatched_per_image: how many unmatched valid boxes per image are sampled for that (0 = none).
+    boundary_points: extra points per mask (``"point"`` loss) drawn on the target's boundary cells
+        (where a 3x3 neighbourhood of the crop is not constant), jittered within the cell: the
+        boundary band Boundary AP scores, sampled whatever the logits' current uncertainty.
+    overlap_points: extra points per mask drawn where ANOTHER instance lies inside the box: in the
+        intersection with the box of a different matched annotation of the image (the one that
+        overlaps most), preferring the pixels that instance's own target crop marks as its own:
+        the occlusion regions an instance-blind loss rarely samples (the answer there is 0).
     """
 
     mask_loss: Literal["point", "dense"] = "point"
@@ -115,3 +127,5 @@ class LossConfig:
     iou_loss: Literal["bce", "l2", "smooth_l1"] = "bce"
     iou_unmatched: bool = True
     unmatched_per_image: int = 1
+    boundary_points: int = 0
+    overlap_points: int = 0

@@ -74,10 +74,69 @@ def resize_logits(logits: Tensor, size: int) -> Tensor:
     return F.interpolate(logits.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
 
 
+@torch.no_grad()
+def boundary_points(targets: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """[R,n,2] points on the boundary cells of ``targets`` [R,Mt,Mt] (a cell whose 3x3 neighbourhood
+    is not constant), uniform within the chosen cell; uniform over the box for an empty boundary."""
+    r, mt = targets.shape[0], targets.shape[-1]
+    t = targets.float().unsqueeze(1)
+    edge = (F.max_pool2d(t, 3, 1, 1) - (-F.max_pool2d(-t, 3, 1, 1)))[:, 0].flatten(1)  # 1 on boundary cells
+    w = edge + 1e-6  # an object-free (or all-object) crop falls back to uniform cells
+    idx = torch.multinomial(w, n, replacement=True, generator=generator)
+    jitter = torch.rand(r, n, 2, device=targets.device, generator=generator)
+    cells = torch.stack([idx % mt, idx // mt], dim=-1).to(jitter.dtype)
+    return (cells + jitter) / mt
+
+
+@torch.no_grad()
+def overlap_points(batch: dict[str, Any], rows: Tensor, n: int, oversample: float = 3.0,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """[R,n,2] points (box frame of each row ``rows`` [R,2]) where another instance lies in the box.
+
+    The other instance: the box of a different matched annotation of the same image with the largest
+    intersection. Candidates are drawn uniformly in that intersection and the ones its own target crop
+    marks as its pixels come first; a row without an overlapping instance gets uniform points.
+    """
+    dev = rows.device
+    boxes = batch["boxes"].float()
+    ann = batch["match_ann_id"]
+    b, k = rows[:, 0], rows[:, 1]
+    own = boxes[b, k]  # [R,4]
+    others = boxes[b]  # [R,K,4]
+    lo = torch.maximum(own[:, None, :2], others[..., :2])
+    hi = torch.minimum(own[:, None, 2:], others[..., 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    cand_ok = batch["valid"][b] & (ann[b] >= 0) & (ann[b] != ann[b, k][:, None])
+    inter = torch.where(cand_ok, inter, torch.zeros_like(inter))
+    best, j = inter.max(dim=1)
+    has = best > 0
+    wh = (own[:, 2:] - own[:, :2]).clamp(min=1e-3)
+    ar = torch.arange(rows.shape[0], device=dev)
+    lo_u = ((lo[ar, j] - own[:, :2]) / wh).clamp(0, 1)  # intersection in this box's unit frame
+    hi_u = ((hi[ar, j] - own[:, :2]) / wh).clamp(0, 1)
+    lo_u = torch.where(has[:, None], lo_u, torch.zeros_like(lo_u))
+    hi_u = torch.where(has[:, None], hi_u, torch.ones_like(hi_u))
+    n_over = max(int(n * oversample), n)
+    u = torch.rand(rows.shape[0], n_over, 2, device=dev, generator=generator)
+    cand = lo_u[:, None] + u * (hi_u - lo_u)[:, None]
+    other = others[ar, j]
+    owh = (other[:, 2:] - other[:, :2]).clamp(min=1e-3)
+    in_other = (own[:, None, :2] + cand * wh[:, None] - other[:, None, :2]) / owh[:, None]
+    theirs = point_sample(batch["mask_targets"][b, j].float(), in_other.clamp(0, 1), mode="nearest")
+    prio = theirs * has[:, None].float() + 0.5 * torch.rand(theirs.shape, device=dev, generator=generator)
+    idx = prio.topk(n, dim=1).indices
+    return torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
+
+
 def mask_loss(
-    logits: Tensor, targets: Tensor, cfg: LossConfig, generator: torch.Generator | None = None
+    logits: Tensor, targets: Tensor, cfg: LossConfig, generator: torch.Generator | None = None,
+    extra: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Mean BCE and dice over the masks: logits [R,M,M] vs bool/float targets [R,Mt,Mt]."""
+    """Mean BCE and dice over the masks: logits [R,M,M] vs bool/float targets [R,Mt,Mt].
+
+    ``extra`` [R,P',2]: more points for the ``"point"`` loss (overlap points, drawn by the caller,
+    who sees the other instances); boundary points (``cfg.boundary_points``) are drawn here.
+    """
     if logits.shape[0] == 0:
         z = logits.sum() * 0.0
         return z, z
@@ -87,6 +146,11 @@ def mask_loss(
         bce, dice = sigmoid_bce_dice(pl, t.flatten(1))
     else:
         coords = uncertain_points(logits, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio, generator)
+        more = [] if extra is None else [extra.to(coords.dtype)]
+        if cfg.boundary_points > 0:
+            more.append(boundary_points(targets, cfg.boundary_points, generator))
+        if more:
+            coords = torch.cat([coords] + more, dim=1)
         # targets by nearest cell: a crop cell IS the GT sampled at its centre, so labels stay 0/1 and
         # the BCE can reach 0 (bilinear labels put a soft, irreducible band along every boundary,
         # right where the importance sampling concentrates the points)
@@ -148,7 +212,10 @@ def compute_losses(
     matched = batch["match_ann_id"][rows[:, 0], rows[:, 1]] >= 0
     m_logits = logits[matched]
     m_targets = batch["mask_targets"][rows[:, 0], rows[:, 1]][matched]
-    bce, dice = mask_loss(m_logits, m_targets, cfg, generator)
+    extra = None
+    if cfg.overlap_points > 0 and cfg.mask_loss == "point" and bool(matched.any()):
+        extra = overlap_points(batch, rows[matched], cfg.overlap_points, cfg.oversample_ratio, generator)
+    bce, dice = mask_loss(m_logits, m_targets, cfg, generator, extra)
     iou_t = torch.zeros_like(iou_pred)
     if matched.any():
         iou_t[matched] = mask_iou(m_logits.detach(), m_targets)

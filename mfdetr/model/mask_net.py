@@ -35,7 +35,7 @@ from mfdetr.model.config import MaskNetConfig
 from mfdetr.model.head_base import MaskNetBase, finish_output, run_in_chunks
 from mfdetr.model.image_encoder import Pointwise
 from mfdetr.model.iou_head import MaskIoUHead
-from mfdetr.model.query_encoder import DotMaskPredictor, QueryEncoder
+from mfdetr.model.query_encoder import DotMaskPredictor, QueryEncoder, QueryShapePrior
 
 
 class MaskNet(MaskNetBase):
@@ -56,6 +56,7 @@ class MaskNet(MaskNetBase):
             self.predictor: nn.Module = DotMaskPredictor(bd, d)
         else:
             self.predictor = Pointwise(bd, 1)
+        self.prior = QueryShapePrior(d, cfg.query_prior) if cfg.query_prior > 0 else None
         self.iou_head = MaskIoUHead(bd, d) if cfg.iou_head else None
         self.mask_size = cfg.roi_size * cfg.mask_upsample
 
@@ -74,6 +75,8 @@ class MaskNet(MaskNetBase):
             objects = self._objects(batch, r, q_all) if self.box_encoder.objects else None
             x = self.box_encoder(x, q, objects)
             logits = self.predictor(x, q) if self.cfg.mask_predictor == "dot" else self.predictor(x).squeeze(1)
+            if self.prior is not None:
+                logits = logits + self.prior(q, logits.shape[-1]).to(logits.dtype)
             return logits, (self.iou_head(x, logits, q) if self.iou_head is not None else None)
 
         logits, iou_logit = run_in_chunks(boxes, rows.shape[0], self.training)

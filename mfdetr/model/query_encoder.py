@@ -99,3 +99,22 @@ class DotMaskPredictor(nn.Module):
         # [R,1,C] @ [R,C,HW] as one batched matmul (x may be channels-last: reshape copies if needed)
         out = torch.bmm(kernel.unsqueeze(1), x.reshape(r, c, h * w)).view(r, h, w)
         return out + self.bias
+
+
+class QueryShapePrior(nn.Module):
+    """Mask logits from the query alone: ``[R, dim]`` -> ``[R, G, G]`` -> bilinear ``[R, S, S]``.
+
+    The last layer is zero-initialised: training starts from the feature-only masks.
+    """
+
+    def __init__(self, dim: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.mlp = MLP(dim, dim, grid * grid)
+        nn.init.zeros_(self.mlp.fc2.weight)
+        nn.init.zeros_(self.mlp.fc2.bias)
+
+    def forward(self, q: Tensor, size: int) -> Tensor:
+        g = self.mlp(q).view(-1, 1, self.grid, self.grid)
+        out = torch.nn.functional.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)
+        return out[:, 0]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +48,9 @@ class FusedRoIAlign(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: dict, *features: Tensor) -> Tensor:  # type: ignore[override]
-        with parallel.serial():  # stray ATen ops single-threaded too; the big steps use the task pool
+        # stray ATen ops single-threaded too (the big steps use the task pool); no autocast inside: the
+        # taps and the gather are float32 by design, whatever autocast region (bf16 training) calls us
+        with parallel.serial(), no_autocast(features[0].device):
             return FusedRoIAlign._forward(ctx, plan, *features)
 
     @staticmethod
@@ -111,6 +114,13 @@ class FusedRoIAlign(torch.autograd.Function):
         return (None, *grads)
 
 
+def no_autocast(device: torch.device):
+    """Autocast off on ``device``'s type for the enclosed ops (a no-op context when it is off)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _layout(f: Tensor) -> torch.memory_format:
     """The memory format of a level's gradient: channels-last if the level is, else NCHW."""
     if not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last):
@@ -125,7 +135,7 @@ class WeightedGather(torch.autograd.Function):
     def forward(ctx, buf: Tensor, idx: Tensor, w: Tensor, offsets: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(idx, w, offsets)
         ctx.n_rows = buf.shape[0]
-        with parallel.serial():
+        with parallel.serial(), no_autocast(buf.device):
             return gather_rows(buf, idx, w, offsets, parallel.n_workers(buf.device))
 
     @staticmethod

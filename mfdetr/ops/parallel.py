@@ -92,7 +92,9 @@ def _get_pool(n: int) -> ThreadPoolExecutor:
             if _pool is not None:
                 _pool.shutdown(wait=False)
             main_threads = torch.get_num_threads()
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="mfdetr-roi-align", initializer=_worker_init)
+            _pool = ThreadPoolExecutor(
+                max_workers=n, thread_name_prefix="mfdetr-roi-align", initializer=_worker_init
+            )
             _pool_size = n
             # start the workers now, then restore the process-wide default that their
             # torch.set_num_threads(1) also wrote (threads created later start from it)
@@ -101,18 +103,19 @@ def _get_pool(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
-# Use fewer threads than torch.get_num_threads() when the machine is already busy (like OpenMP's
-# dynamic mode): with the cores taken by other processes, a second thread adds waiting, not speed.
-DYNAMIC_THREADS = True
+# Deterministic by default: the split is a function of the configured thread count only. The load-
+# adaptive split (fewer threads when the 1-minute load average says the other cores are busy, like
+# OpenMP's dynamic mode) can be faster on a crowded machine, but then results depend on the machine's
+# load; it is an explicit opt-in (env MFDETR_ADAPTIVE_THREADS=1), outside the deterministic guarantee.
+DYNAMIC_THREADS = os.environ.get("MFDETR_ADAPTIVE_THREADS", "0").strip() == "1"
 
 
 def n_workers(device: torch.device) -> int:
-    """How many threads the CPU path splits its work over: torch.get_num_threads(), fewer when the
-    1-minute load average says the other cores are busy (``DYNAMIC_THREADS``)."""
+    """How many threads the CPU path splits its work over: the configured torch.get_num_threads() (seen
+    outside ``serial``); with ``DYNAMIC_THREADS`` (opt-in) fewer when the load average is high."""
     if device.type != "cpu":
         return 1
-    n = getattr(_tls, "outer", None) or torch.get_num_threads()
-    n = max(1, n)
+    n = max(1, getattr(_tls, "outer", None) or torch.get_num_threads())
     if n > 1 and DYNAMIC_THREADS:
         try:
             load = os.getloadavg()[0]

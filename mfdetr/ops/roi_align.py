@@ -29,29 +29,45 @@ Design (pure torch; the same code runs on any device, the CPU path adds chunking
 The result is a channels-last view ``[R, C, Sh, Sw]`` (``[R, L, C, Sh, Sw]`` with ``per_level``) of the
 gathered ``[R, Sh, Sw, C]`` rows; ``.contiguous()`` gives NCHW memory.
 
-Files: this module holds the argument checks, the reference definition and the public API; the buffer
-copy and the gathers (forward and transposed) are in ``_gather.py``, the autograd Functions in ``_autograd.py``.
+Backends (``backend=`` of ``multilevel_roi_align``, else env ``MFDETR_ROI_ALIGN_BACKEND``, else ``auto``):
+``fused`` (the above), ``torchvision`` (torchvision's kernel once per level in the compute dtype, summed:
+the reference definition, which may be faster on CUDA where torchvision has a native kernel), ``auto``
+(``fused`` on the CPU, ``AUTO_BACKEND_CUDA`` on CUDA; ``benchmarks/gpu_suite.py`` times both). Output and
+gradients agree either way (up to float rounding); only the result's memory layout differs.
+
+Files: this module holds the argument checks, the reference definition, the backend choice and the public
+API; the buffer copy and the gathers (forward and transposed) are in ``gather.py``, the autograd Functions
+in ``autograd.py``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from mfdetr.errors import MfdetrError
 from mfdetr.ops import parallel, taps
 from mfdetr.ops.autograd import build, FlattenLevels, FusedRoIAlign, WeightedGather
 from mfdetr.ops.parallel import release_workspace
 from mfdetr.ops.taps import LevelShape
 
 __all__ = [
+    "BACKENDS",
     "flatten_levels",
     "multilevel_roi_align",
     "multilevel_roi_align_flat",
     "multilevel_roi_align_reference",
     "release_workspace",
+    "resolve_backend",
 ]
+
+BACKENDS = ("auto", "fused", "torchvision")
+BACKEND_ENV = "MFDETR_ROI_ALIGN_BACKEND"
+# what ``auto`` runs on CUDA: set from benchmarks/gpu_suite.py's roi_align rows (fused vs torchvision)
+AUTO_BACKEND_CUDA = "fused"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,6 +150,40 @@ def multilevel_roi_align_reference(
     ]
     out = torch.stack(outs, dim=1) if per_level else torch.stack(outs, dim=0).sum(dim=0)
     return out.to(f0.dtype)
+
+
+def resolve_backend(backend: str | None, device: torch.device | str) -> str:
+    """The backend a call on ``device`` runs: ``backend``, else env ``MFDETR_ROI_ALIGN_BACKEND``, else
+    ``auto``; ``auto`` is ``fused`` on the CPU and ``AUTO_BACKEND_CUDA`` on CUDA."""
+    name = backend
+    if name is None:
+        name = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise MfdetrError(
+                f"environment variable {BACKEND_ENV}={name!r}: use one of {', '.join(BACKENDS)}"
+            )
+    elif name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if name == "auto":
+        name = AUTO_BACKEND_CUDA if torch.device(device).type == "cuda" else "fused"
+    return name
+
+
+def _torchvision_sum(features: Sequence[Tensor], r: Tensor, scales: Sequence[float], out_hw: tuple[int, int],
+                     sampling_ratio: int, aligned: bool, per_level: bool, ct: torch.dtype) -> Tensor:
+    """The ``torchvision`` backend: torchvision's kernel per level in the compute dtype, summed
+    (differentiable through ``.to(ct)``: bf16/fp16 levels get their gradients in their own dtype)."""
+    from torchvision.ops import roi_align as tv_roi_align
+
+    outs = [
+        tv_roi_align(f.to(ct), r, out_hw, float(s), sampling_ratio, aligned) for f, s in zip(features, scales)
+    ]
+    if per_level:
+        return torch.stack(outs, dim=1)
+    out = outs[0]
+    for o in outs[1:]:
+        out = out + o
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +269,7 @@ def multilevel_roi_align(
     sampling_ratio: int = -1,
     aligned: bool = True,
     per_level: bool = False,
+    backend: str | None = None,
 ) -> Tensor:
     """RoIAlign of every roi from every level: [R,C,Sh,Sw] summed over levels, or [R,L,C,Sh,Sw].
 
@@ -228,7 +279,9 @@ def multilevel_roi_align(
     features[l], rois, output_size, spatial_scales[l], sampling_ratio, aligned)`` over the levels
     (float32 accumulation for bf16/fp16; keep the rois float32). Differentiable w.r.t. the features
     (not the rois); each level's gradient has the level's memory format. The result has the features'
-    dtype and is a channels-last view (``.contiguous()`` gives NCHW memory).
+    dtype and is a channels-last view (``.contiguous()`` gives NCHW memory; NCHW already with the
+    ``torchvision`` backend). ``backend``: ``auto`` | ``fused`` | ``torchvision`` (see the module doc;
+    None = env ``MFDETR_ROI_ALIGN_BACKEND``, else ``auto``).
     """
     _check_features(features, spatial_scales)
     dtype = features[0].dtype
@@ -236,6 +289,10 @@ def multilevel_roi_align(
     out_hw = _pair(output_size)
     r_all = _as_rois(rois, ct, features[0].device)
     L = len(features)
+    if resolve_backend(backend, features[0].device) == "torchvision":
+        out = _torchvision_sum(features, r_all, spatial_scales, out_hw, int(sampling_ratio), bool(aligned),
+                               per_level, ct)
+        return out if out.dtype == dtype else out.to(dtype)
 
     def run(r: Tensor) -> Tensor:
         plan = dict(rois=r, scales=list(spatial_scales), out_hw=out_hw, sampling_ratio=int(sampling_ratio),

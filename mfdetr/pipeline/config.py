@@ -15,6 +15,7 @@ from mfdetr.cache.schema import ExtractOptions
 from mfdetr.train.config import TrainConfig
 from mfdetr.errors import MfdetrError
 from mfdetr.utils.config import apply_overrides, from_dict, load_toml
+from mfdetr.evaluate.config import EvalConfig
 
 
 @dataclass
@@ -60,19 +61,6 @@ class DetectorConfig:
 
     spec: str = "shapes"
     label_map: str | None = None
-    batch_size: int = 8
-    workers: int = 2
-    device: str = "cpu"
-
-
-@dataclass
-class EvalConfig:
-    """How ``evaluate`` runs on the val cache (see ``mfdetr evaluate --help``)."""
-
-    topk: int = 100
-    vis: int = 8
-    mask_score: bool = True
-    per_category: bool = False
     batch_size: int = 8
     workers: int = 2
     device: str = "cpu"

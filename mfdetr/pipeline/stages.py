@@ -136,13 +136,14 @@ def stage_train(cfg: PipelineConfig, state: _State, train_cache: str, val_cache:
     _log(f"train: {'resuming' if resume else 'training'} the mask network in {out}")
     result = train_from_cache(train_cache, out, cfg.train, val_cache=val_cache, resume=resume)
     secs = time.perf_counter() - t0
-    detail = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str, bool))}
+    detail = {k: v for k, v in result.scalars().items() if isinstance(v, (int, float, str, bool))}
     state.put("train", key=key, done=True, seconds=secs, detail=detail)
     return StageRecord("train", secs, True, detail)
 
 
 def stage_evaluate(cfg: PipelineConfig, state: _State, val_cache: str, ann: Path) -> tuple[StageRecord, dict]:
-    """COCO mask/box AP of the final checkpoint on the val cache."""
+    """COCO mask, box, Boundary and occluded AP of the final checkpoint on the val cache."""
+    from mfdetr.evaluate.config import EvalConfig
     from mfdetr.evaluate.evaluation import evaluate
 
     out = cfg.out_dir / "eval"
@@ -154,23 +155,13 @@ def stage_evaluate(cfg: PipelineConfig, state: _State, val_cache: str, ann: Path
         _log(f"evaluate: summary found at {summary_path}")
         return StageRecord("evaluate", 0.0, False), json.loads(summary_path.read_text())
     t0 = time.perf_counter()
-    e = cfg.evaluate
-    summary = evaluate(
-        val_cache,
-        ckpt,
-        annotations=ann,
-        out=out,
-        topk=e.topk,
-        vis=e.vis,
-        mask_score=e.mask_score,
-        per_category=e.per_category,
-        batch_size=e.batch_size,
-        workers=e.workers,
-        device=e.device,
-    )
+    # every field of the [evaluate] table, by name: a field evaluate does not know fails here, none is dropped
+    result = evaluate(val_cache, ckpt, EvalConfig(**to_dict(cfg.evaluate)), annotations=ann, out=out)
+    for w in result.warnings:
+        _log(f"evaluate: warning: {w}")
     secs = time.perf_counter() - t0
     state.put("evaluate", key=key, done=True, seconds=secs)
-    return StageRecord("evaluate", secs, True), summary
+    return StageRecord("evaluate", secs, True), result.summary()
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
@@ -214,6 +205,8 @@ def build_summary(cfg, records, summary, train_res, val_res, total_s) -> dict[st
         "mask_ap": segm.get("AP"),
         "box_ap": bbox.get("AP"),
         "mask_ap_over_box_ap": (segm["AP"] / bbox["AP"]) if segm.get("AP") and bbox.get("AP") else None,
+        "boundary_ap": summary.get("boundary_ap"),
+        "occluded_ap": summary.get("occluded_ap"),
         "val_miou": miou if isinstance(miou, float) and miou == miou else None,
         "segm": segm,
         "bbox": bbox,
@@ -234,6 +227,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"== {s['pipeline']} ==",
         f"frozen detector box AP  {ap(s['box_ap'])}",
         f"mask AP                 {ap(s['mask_ap'])}   (mask AP / box AP = {ap(s['mask_ap_over_box_ap'])})",
+        f"Boundary AP             {ap(s.get('boundary_ap'))}   (min(mask IoU, boundary IoU), band 2% of the diagonal)",
+        f"occluded AP             {ap(s.get('occluded_ap'))}   (mask AP on GT instances >= 10% covered by others)",
         f"val mean mask IoU       {ap(s.get('val_miou'))}   (matched boxes, last epoch)",
         "",
         f"{'stage':<16}{'seconds':>10}  {'status':<8}",

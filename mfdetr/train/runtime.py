@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from mfdetr.train.config import TrainConfig
 from mfdetr.errors import MfdetrError
+from mfdetr.train.config import TrainConfig
+from mfdetr.utils.distributed import torchrun_env
 
 
 def log(msg: str) -> None:
@@ -45,7 +46,9 @@ def autocast_ctx(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def compute_threads(cfg: TrainConfig, device: torch.device, info: Any = None, workers: int | None = None) -> int:
+def compute_threads(
+    cfg: TrainConfig, device: torch.device, info: Any = None, workers: int | None = None
+) -> int:
     """torch intra-op threads of a training process.
 
     ``cfg.threads`` when set; else on CPU the cores left after the DataLoader workers, split among
@@ -58,5 +61,17 @@ def compute_threads(cfg: TrainConfig, device: torch.device, info: Any = None, wo
     if device.type != "cpu":
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", getattr(info, "world", 1) or 1)))
-    return max(1, cores // local - (cfg.workers if workers is None else workers))
+    local = torchrun_env().local_world
+    return max(1, cores // local - (resolve_workers(cfg, device, info) if workers is None else workers))
+
+
+def resolve_workers(cfg: TrainConfig, device: torch.device, info: Any = None) -> int:
+    """``cfg.workers``, or for -1 (auto): 2 on CPU (they share the cores with the step); on CUDA the
+    cores per local process minus one (the training process), 1 to 8: enough to keep a GPU fed."""
+    if cfg.workers >= 0:
+        return cfg.workers
+    if device.type != "cuda":
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = torchrun_env().local_world
+    return max(1, min(8, cores // local - 1))

@@ -37,8 +37,15 @@ def lr_factor(
     raise ValueError(f"unknown schedule {kind!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int, kind: str, min_ratio: float,
-                    milestones: Sequence[float], gamma: float) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    warmup: int,
+    kind: str,
+    min_ratio: float,
+    milestones: Sequence[float],
+    gamma: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepped once per iteration (its state dict is just the iteration count)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, total, warmup, kind, min_ratio, milestones, gamma)

@@ -62,6 +62,8 @@ def val_select(batch: dict[str, Any], max_boxes: int = 0) -> torch.Tensor:
     same = (ann[:, :, None] == ann[:, None, :]) & matched[:, :, None] & matched[:, None, :]
     k = ann.shape[1]
     idx = torch.arange(k, device=ann.device)
-    better = (score[:, None, :] > score[:, :, None]) | ((score[:, None, :] == score[:, :, None]) & (idx[None, :] < idx[:, None])[None])
+    better = (score[:, None, :] > score[:, :, None]) | (
+        (score[:, None, :] == score[:, :, None]) & (idx[None, :] < idx[:, None])[None]
+    )
     rank = (same & better).sum(-1)
     return top_per_row(matched, score.clamp(0, 1) * 0.5 - rank.to(score.dtype), max_boxes)

@@ -8,14 +8,20 @@ from typing import Any
 import torch
 
 from mfdetr.cache.batch import batch_to
-from mfdetr.train.selection import val_select
-from mfdetr.train.runtime import autocast_ctx
 from mfdetr.model.losses import mask_iou
+from mfdetr.train.runtime import autocast_ctx
+from mfdetr.train.selection import val_select
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp: str = "off",
-             max_images: int = 0, max_boxes: int = 0) -> dict[str, float]:
+def validate(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    device: torch.device,
+    amp: str = "off",
+    max_images: int = 0,
+    max_boxes: int = 0,
+) -> dict[str, float]:
     """Mean mask IoU of the matched boxes (mask > 0.5 vs the cached crop, at the crop's resolution),
     and the IoU head's mean absolute error on them; ``max_boxes``: see ``val_select``."""
     was_training = model.training

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from mfdetr.errors import MfdetrError
 
 
 @dataclass
@@ -28,13 +31,56 @@ class DistInfo:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """What torchrun says about this process: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``
+    (processes on this machine; defaults to the world size) and ``MASTER_ADDR`` (None when unset)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    master_addr: str | None = None
+
+    @property
+    def launched(self) -> bool:
+        """More than one process: torchrun (or an equivalent launcher) started this one."""
+        return self.world > 1
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = (environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise MfdetrError(f"environment variable {name}={raw!r} is not an integer >= {minimum}; "
+                          "unset it, or launch with torchrun")
+    return value
+
+
+def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv:
+    """Parse torchrun's environment (``os.environ`` by default) once; a 1-process TorchrunEnv when unset."""
+    env = os.environ if environ is None else environ
+    world = _env_int(env, "WORLD_SIZE", 1, 1)
+    return TorchrunEnv(
+        rank=_env_int(env, "RANK", 0, 0),
+        world=world,
+        local_rank=_env_int(env, "LOCAL_RANK", 0, 0),
+        local_world=_env_int(env, "LOCAL_WORLD_SIZE", world, 1),
+        master_addr=env.get("MASTER_ADDR") or None,
+    )
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join torchrun's process group when ``WORLD_SIZE > 1`` (env://), else a 1-process DistInfo."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    env = torchrun_env()
+    if not env.launched:
         return DistInfo()
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = env.local_rank
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
