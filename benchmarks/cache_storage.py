@@ -77,19 +77,37 @@ OPTIONS = [
     ("int8-calib zstd", lambda lv: dict(quant="int8-calib")),
     ("int8 6-bit zstd", lambda lv: dict(quant="int8", quant_bits=6)),
     ("int8 lz4", lambda lv: dict(quant="int8", codec="lz4")),
-    ("PCA 1/4 (>=64 ch) f16 zstd", lambda lv: dict(project={x.name: x.channels // 4 for x in lv if x.channels >= 64})),
+    (
+        "PCA 1/4 (>=64 ch) f16 zstd",
+        lambda lv: dict(project={x.name: x.channels // 4 for x in lv if x.channels >= 64}),
+    ),
     ("finest box-masked f16 zstd", lambda lv: dict(box_mask=_fine(lv))),
     ("PCA 32 f16 BitRound5 zstd", lambda lv: dict(project=_pca(lv, 32), keepbits=5)),
     ("int8 + PCA 64 zstd", lambda lv: dict(quant="int8", project=_pca(lv, 64))),
     ("int8 + PCA 32 zstd (recommended)", lambda lv: dict(quant="int8", project=_pca(lv, 32))),
     ("int8-calib + PCA 32 zstd", lambda lv: dict(quant="int8-calib", project=_pca(lv, 32))),
     ("int8 6-bit + PCA 32 zstd", lambda lv: dict(quant="int8", quant_bits=6, project=_pca(lv, 32))),
-    ("int8 + PCA 32 + finest box-masked", lambda lv: dict(quant="int8", project=_pca(lv, 32), box_mask=_fine(lv))),
+    (
+        "int8 + PCA 32 + finest box-masked",
+        lambda lv: dict(quant="int8", project=_pca(lv, 32), box_mask=_fine(lv)),
+    ),
 ]
-QUICK = {"float16 zstd", "bfloat16 zstd", "float16 BitRound5 zstd", "int8 zstd", "int8-calib zstd",
-         "PCA 1/4 (>=64 ch) f16 zstd", "finest box-masked f16 zstd", "int8 + PCA 32 zstd (recommended)"}
-LEVERS = {name for name, _ in OPTIONS[16:]} | {"float16 zstd", "bfloat16 zstd", "float16 BitRound5 zstd",
-                                               "bfloat16 BitRound5 zstd"}
+QUICK = {
+    "float16 zstd",
+    "bfloat16 zstd",
+    "float16 BitRound5 zstd",
+    "int8 zstd",
+    "int8-calib zstd",
+    "PCA 1/4 (>=64 ch) f16 zstd",
+    "finest box-masked f16 zstd",
+    "int8 + PCA 32 zstd (recommended)",
+}
+LEVERS = {name for name, _ in OPTIONS[16:]} | {
+    "float16 zstd",
+    "bfloat16 zstd",
+    "float16 BitRound5 zstd",
+    "bfloat16 BitRound5 zstd",
+}
 
 
 class ReplayDetector:
@@ -138,18 +156,22 @@ def _errors(cache, truth) -> tuple[float, float, str]:
             lc = codec.levels[nm]
             if lc.basis is not None:
                 c, h, w = got.shape
-                got = (torch.from_numpy(lc.basis).double() @ got.reshape(c, -1)
-                       + torch.from_numpy(lc.mean).double()[:, None]).reshape(-1, h, w)
+                got = (
+                    torch.from_numpy(lc.basis).double() @ got.reshape(c, -1)
+                    + torch.from_numpy(lc.mean).double()[:, None]
+                ).reshape(-1, h, w)
             if lc.box_mask:
                 n = int(r["num_boxes"])
-                reg = box_region(r["boxes"].numpy(), n, r["scale"], lc.stride, tuple(got.shape[1:]), codec.margin)
+                reg = box_region(
+                    r["boxes"].numpy(), n, r["scale"], lc.stride, tuple(got.shape[1:]), codec.margin
+                )
                 got, ref = got[:, reg], ref[:, reg]
             pairs.append((nm, got, ref))
         pairs.append(("queries", r["queries"][:k].double(), o.queries[:k].double()))
         for nm, got, ref in pairs:
             d = got - ref
             err2[nm] = err2.get(nm, 0.0) + float((d * d).sum())
-            ref2[nm] = ref2.get(nm, 0.0) + float((ref ** 2).sum())
+            ref2[nm] = ref2.get(nm, 0.0) + float((ref**2).sum())
             if d.numel():
                 maxrel = max(maxrel, float(d.abs().max()) / max(float(ref.abs().max()), 1e-38))
     rel = {nm: float(np.sqrt(err2[nm] / max(ref2[nm], 1e-300))) for nm in err2}
@@ -188,42 +210,66 @@ def run_detector(name: str, det, images_dir: Path, ann: Path, work: Path, option
         out = work / f"storage_{abs(hash(label))}.zarr"
         shutil.rmtree(out, ignore_errors=True)
         kw = {"dtype": "float16", "codec": "zstd", **make(det.levels)}
+        if (kw.get("quant") or kw.get("project")) and "keepbits" not in kw:
+            kw["dtype"] = "bfloat16"  # decoded int8 / projected values keep float32's range (see notes)
         opts = ExtractOptions(calib_images=min(16, n), **kw)
-        res = extract(rep, images_dir, ann, out=str(out), opts=opts, batch_size=2, workers=0, progress=False,
-                      force=True)
+        res = extract(
+            rep, images_dir, ann, out=str(out), opts=opts, batch_size=2, workers=0, progress=False, force=True
+        )
         info = cache_info(out)
         per = info["bytes_by_array"]
         fq = sum(v for k, v in per.items() if k.startswith(("feat/", "qparams/")) or k == "queries")
         cache = CacheDataset(out, load_targets=False)
         maxrel, rel, worst = _errors(cache, truth)
-        src = {**info["detector"], "levels": [{**lv, "channels": lv.get("source_channels", lv["channels"])}
-                                                for lv in info["levels"]]}  # the detector's own widths
+        src = {
+            **info["detector"],
+            "levels": [
+                {**lv, "channels": lv.get("source_channels", lv["channels"])} for lv in info["levels"]
+            ],
+        }  # the detector's own widths
         raw = raw_float32_bytes({**info, "detector": src}, np.asarray(cache._get_group()["feat_size"][:]))
-        row = {"detector": name, "storage": label, "options": {k: v for k, v in kw.items()},
-               "bytes_per_image": info["bytes_per_image"], "feat_q_bytes_per_image": fq / n, "ratio": fq / n / raw,
-               "max_rel_err": maxrel, "rel_rms_err": rel, "worst_array": worst,
-               "write_ms_per_image": 1e3 * res.timings["write"] / n, "read_images_per_s_core": _read_rate(cache),
-               "coco_train2017_gb": info["bytes_per_image"] * COCO_TRAIN2017 / 1e9, "f16_warning": bool(res.warnings),
-               "images": n}
+        row = {
+            "detector": name,
+            "storage": label,
+            "options": {k: v for k, v in kw.items()},
+            "bytes_per_image": info["bytes_per_image"],
+            "feat_q_bytes_per_image": fq / n,
+            "ratio": fq / n / raw,
+            "max_rel_err": maxrel,
+            "rel_rms_err": rel,
+            "worst_array": worst,
+            "write_ms_per_image": 1e3 * res.timings["write"] / n,
+            "read_images_per_s_core": _read_rate(cache),
+            "coco_train2017_gb": info["bytes_per_image"] * COCO_TRAIN2017 / 1e9,
+            "f16_warning": bool(res.warnings),
+            "images": n,
+        }
         rows.append(row)
         print(_fmt(row), flush=True)
         shutil.rmtree(out, ignore_errors=True)
-    print(f"({name}: {n} images, detector forward {fwd:.1f}s, raw float32 features+queries "
-          f"{raw / 1e3:,.1f} kB/image)", flush=True)
+    print(
+        f"({name}: {n} images, detector forward {fwd:.1f}s, raw float32 features+queries "
+        f"{raw / 1e3:,.1f} kB/image)",
+        flush=True,
+    )
     return rows
 
 
-HEADER = ("| detector | storage | bytes/image | feat+q bytes/image | ratio to raw f32 | max rel err "
-          "| rel RMS err (worst array) | write ms/img | read img/s/core | COCO train2017 |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| detector | storage | bytes/image | feat+q bytes/image | ratio to raw f32 | max rel err "
+    "| rel RMS err (worst array) | write ms/img | read img/s/core | COCO train2017 |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def _fmt(r: dict) -> str:
     note = f" ({r['worst_array']})" if r["rel_rms_err"] > 0 else ""
-    return (f"| {r['detector']} | {r['storage']} | {r['bytes_per_image'] / 1e3:,.1f} kB | "
-            f"{r['feat_q_bytes_per_image'] / 1e3:,.1f} kB | {r['ratio']:.3f} | {r['max_rel_err']:.2e} | "
-            f"{r['rel_rms_err']:.2e}{note} | {r['write_ms_per_image']:.1f} | {r['read_images_per_s_core']:.1f} | "
-            f"{r['coco_train2017_gb']:,.1f} GB |" + (" f16 warning" if r["f16_warning"] else ""))
+    return (
+        f"| {r['detector']} | {r['storage']} | {r['bytes_per_image'] / 1e3:,.1f} kB | "
+        f"{r['feat_q_bytes_per_image'] / 1e3:,.1f} kB | {r['ratio']:.3f} | {r['max_rel_err']:.2e} | "
+        f"{r['rel_rms_err']:.2e}{note} | {r['write_ms_per_image']:.1f} | {r['read_images_per_s_core']:.1f} | "
+        f"{r['coco_train2017_gb']:,.1f} GB |" + (" f16 warning" if r["f16_warning"] else "")
+    )
 
 
 def dino_detector(categories, topk: int = 100, workdir: Path | None = None):
@@ -236,15 +282,30 @@ def dino_detector(categories, topk: int = 100, workdir: Path | None = None):
     id2label = {i: c["name"] for i, c in enumerate(categories)}
     folder = Path(workdir or tempfile.mkdtemp()) / "dino_r50_random"
     if not (folder / "config.json").exists():
-        bb = t.ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
-                            out_features=["stage2", "stage3", "stage4"])
-        cfg = t.DeformableDetrConfig(backbone_config=bb, backbone=None, use_timm_backbone=False,
-                                     use_pretrained_backbone=False, two_stage=True, with_box_refine=True,
-                                     num_feature_levels=4, num_queries=900, num_labels=len(id2label),
-                                     id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        bb = t.ResNetConfig(
+            depths=[3, 4, 6, 3],
+            hidden_sizes=[256, 512, 1024, 2048],
+            layer_type="bottleneck",
+            out_features=["stage2", "stage3", "stage4"],
+        )
+        cfg = t.DeformableDetrConfig(
+            backbone_config=bb,
+            backbone=None,
+            use_timm_backbone=False,
+            use_pretrained_backbone=False,
+            two_stage=True,
+            with_box_refine=True,
+            num_feature_levels=4,
+            num_queries=900,
+            num_labels=len(id2label),
+            id2label=id2label,
+            label2id={v: k for k, v in id2label.items()},
+        )
         torch.manual_seed(0)
         t.DeformableDetrForObjectDetection(cfg).save_pretrained(folder)
-        t.DeformableDetrImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333}).save_pretrained(folder)
+        t.DeformableDetrImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333}).save_pretrained(
+            folder
+        )
     det = build_detector(f"hf:{folder}", categories=categories, topk=topk)
     return det, "DINO-style Deformable DETR R50 (two-stage, box refine, 900 queries; random init), 800x1333"
 
@@ -252,27 +313,41 @@ def dino_detector(categories, topk: int = 100, workdir: Path | None = None):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer options and images, shapes only")
-    ap.add_argument("--levers", action="store_true", help="only the storage-lever rows (and their references)")
+    ap.add_argument(
+        "--levers", action="store_true", help="only the storage-lever rows (and their references)"
+    )
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--r50-images", type=int, default=2)
     ap.add_argument("--dino-images", type=int, default=1)
     ap.add_argument("--no-r50", action="store_true")
+    ap.add_argument("--no-shapes", action="store_true")
+    ap.add_argument("--no-refs", action="store_true", help="only the storage-lever rows")
     ap.add_argument("--no-dino", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list to this file")
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--detector", default=None, help="detector spec for the 192 px rows (default: shapes, or its "
-                    "random-weight architecture while the shipped weights are missing)")
+    ap.add_argument(
+        "--detector",
+        default=None,
+        help="detector spec for the 192 px rows (default: shapes, or its "
+        "random-weight architecture while the shipped weights are missing)",
+    )
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mfdetr_bench_"))
     work.mkdir(parents=True, exist_ok=True)
-    options = [o for o in OPTIONS if (not args.quick or o[0] in QUICK) and (not args.levers or o[0] in LEVERS)]
+    options = [
+        o for o in OPTIONS if (not args.quick or o[0] in QUICK) and (not args.levers or o[0] in LEVERS)
+    ]
+    if args.no_refs:
+        options = [o for o in options if o in OPTIONS[16:]]
     cats = [{"id": i + 1, "name": nm} for i, nm in enumerate(CATEGORY_NAMES)]
     print(HEADER)
     n = 6 if args.quick else args.images
-    images_dir, ann = synth_data(work / f"synth{n}", n)
-    det, desc = shapes_detector(cats, workdir=work, spec=args.detector)
-    rows = run_detector("shapes 192px", det, images_dir, ann, work, options)
-    print(f"shapes detector: {desc}; levels {[(lv.name, lv.stride, lv.channels) for lv in det.levels]}")
+    rows: list[dict] = []
+    if not args.no_shapes:
+        images_dir, ann = synth_data(work / f"synth{n}", n)
+        det, desc = shapes_detector(cats, workdir=work, spec=args.detector)
+        rows = run_detector("shapes 192px", det, images_dir, ann, work, options)
+        print(f"shapes detector: {desc}; levels {[(lv.name, lv.stride, lv.channels) for lv in det.levels]}")
     if not args.quick and not args.no_r50:
         det50, desc50 = r50_detector(cats, workdir=work)
         images50, ann50 = synth_data(work / f"synth640_{args.r50_images}", args.r50_images, size=640, seed=12)
@@ -282,7 +357,9 @@ def main() -> None:
         detd, descd = dino_detector(cats, workdir=work)
         imagesd, annd = synth_data(work / f"synth800_{args.dino_images}", args.dino_images, size=800, seed=13)
         rows += run_detector("DINO-style R50 800x1333", detd, imagesd, annd, work, options)
-        print(f"DINO-style detector: {descd}; levels {[(lv.name, lv.stride, lv.channels) for lv in detd.levels]}")
+        print(
+            f"DINO-style detector: {descd}; levels {[(v.name, v.stride, v.channels) for v in detd.levels]}"
+        )
     print()
     print(HEADER)
     print("\n".join(_fmt(r) for r in rows))

@@ -40,8 +40,9 @@ def data(tmp_path_factory):
 
 def _extract(root, images, ann, name, **kw):
     opts = ExtractOptions(topk=TOPK, block=BLOCK, calib_images=3, **kw)
-    return extract(SPEC, images, ann, out=str(root / f"{name}.zarr"), opts=opts, batch_size=2, workers=0,
-                   progress=False)
+    return extract(
+        SPEC, images, ann, out=str(root / f"{name}.zarr"), opts=opts, batch_size=2, workers=0, progress=False
+    )
 
 
 # -- numerics --------------------------------------------------------------------------------------
@@ -70,7 +71,9 @@ def test_pca_matches_a_float64_svd_and_is_exact_on_low_rank_maps():
     # same subspace as the reference's top-3 left singular vectors
     assert np.allclose(np.abs(basis.T.astype(np.float64) @ u[:, :3]), np.eye(3), atol=1e-4)
     y = project(maps[1], mu, basis)
-    recon = torch.from_numpy(basis).double() @ y.double().reshape(3, -1) + torch.from_numpy(mu).double()[:, None]
+    recon = (
+        torch.from_numpy(basis).double() @ y.double().reshape(3, -1) + torch.from_numpy(mu).double()[:, None]
+    )
     assert torch.allclose(recon.reshape(10, 6, 6), maps[1].double(), atol=1e-4)
 
 
@@ -83,9 +86,12 @@ def test_box_region_matches_a_cell_by_cell_reference():
         for r in range(hw[0]):
             for c in range(hw[1]):
                 # cell [c*s, (c+1)*s) overlaps the box (input px), after growing the box by the margin
-                if (c + 1) * stride > x0 * scale[0] - margin * stride and c * stride < x1 * scale[0] + margin * stride \
-                        and (r + 1) * stride > y0 * scale[1] - margin * stride \
-                        and r * stride < y1 * scale[1] + margin * stride:
+                if (
+                    (c + 1) * stride > x0 * scale[0] - margin * stride
+                    and c * stride < x1 * scale[0] + margin * stride
+                    and (r + 1) * stride > y0 * scale[1] - margin * stride
+                    and r * stride < y1 * scale[1] + margin * stride
+                ):
                     ref[r, c] = True
     assert got.any() and (got == ref).all()
 
@@ -100,7 +106,7 @@ def test_int8_per_image_decodes_within_half_a_step(data):
     assert g["feat/f8"].dtype == np.uint8 and ds.levels[0].channels == 8
     for j, o in enumerate(truth):
         rec = ds[j]
-        for li, name in enumerate(("f8", "f16")):
+        for name in ("f8", "f16"):
             x = o.features[name].double()
             p = np.asarray(g[f"qparams/{name}"][j])
             err = (rec["features"][name].double() - x).abs().amax(dim=(1, 2)).numpy()
@@ -119,7 +125,9 @@ def test_int8_calibrated_decodes_within_half_a_step_inside_its_range(data):
             lo, step = codec.levels[name].calib[:, 0], codec.levels[name].calib[:, 1]
             hi = lo + step * 255.01  # float32 rounding of lo + 255 steps
             x = o.features[name].double()
-            inside = (x >= torch.from_numpy(lo).double()[:, None, None]) & (x <= torch.from_numpy(hi).double()[:, None, None])
+            inside = (x >= torch.from_numpy(lo).double()[:, None, None]) & (
+                x <= torch.from_numpy(hi).double()[:, None, None]
+            )
             err = (rec["features"][name].double() - x).abs()
             bound = torch.from_numpy(step / 2).double()[:, None, None] + F16_REL * x.abs() + 1e-7
             assert bool((err <= bound)[inside].all())
@@ -158,15 +166,32 @@ def test_projection_and_box_mask_decode_to_the_projected_masked_source(data):
 def test_storage_levers_change_the_fingerprint_and_are_refused_on_mismatch(data):
     root, images, ann, _ = data
     plain = ExtractOptions(topk=TOPK, block=BLOCK)
-    assert set(plain.to_attrs()) == {"topk", "levels", "dtype", "codec", "codec_level", "keepbits", "mask_size",
-                                     "match", "block"}  # older caches keep their fingerprints
+    assert set(plain.to_attrs()) == {
+        "topk",
+        "levels",
+        "dtype",
+        "codec",
+        "codec_level",
+        "keepbits",
+        "mask_size",
+        "match",
+        "block",
+    }  # older caches keep their fingerprints
     a = _extract(root, images, ann, "fp", quant="int8")
     b = _extract(root, images, ann, "fp2", quant="int8", quant_bits=6)
     c = _extract(root, images, ann, "fp3", box_mask=["f8"])
     assert len({a.fingerprint, b.fingerprint, c.fingerprint}) == 3
     with pytest.raises(MfdetrError, match="options.quant"):
-        extract(SPEC, images, ann, out=a.path, opts=ExtractOptions(topk=TOPK, block=BLOCK, quant="int8-calib",
-                calib_images=3), batch_size=2, workers=0, progress=False)
+        extract(
+            SPEC,
+            images,
+            ann,
+            out=a.path,
+            opts=ExtractOptions(topk=TOPK, block=BLOCK, quant="int8-calib", calib_images=3),
+            batch_size=2,
+            workers=0,
+            progress=False,
+        )
     with pytest.raises(MfdetrError, match="project names level"):
         _extract(root, images, ann, "bad", project={"nope": 2})
     with pytest.raises(MfdetrError, match="exceeds"):
@@ -177,9 +202,34 @@ def test_storage_levers_change_the_fingerprint_and_are_refused_on_mismatch(data)
 
 
 def _cli(images, ann, out, extra):
-    return [sys.executable, "-m", "mfdetr", "extract", "--detector", SPEC, "--images", str(images), "--annotations",
-            str(ann), "--out", str(out), "--topk", str(TOPK), "--block", str(BLOCK), "--batch-size", "2",
-            "--workers", "0", "--writers", "1", "--no-progress", "--calib-images", "3", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mfdetr",
+        "extract",
+        "--detector",
+        SPEC,
+        "--images",
+        str(images),
+        "--annotations",
+        str(ann),
+        "--out",
+        str(out),
+        "--topk",
+        str(TOPK),
+        "--block",
+        str(BLOCK),
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--writers",
+        "1",
+        "--no-progress",
+        "--calib-images",
+        "3",
+        *extra,
+    ]
 
 
 def _done(out) -> np.ndarray:
@@ -189,17 +239,27 @@ def _done(out) -> np.ndarray:
         return np.zeros(N, bool)
 
 
-@pytest.mark.parametrize("extra,kw", [  # every lever at once: per-image params, a calibration read back, zeros
-    (["--quant", "int8", "--quant-bits", "6", "--project", "f8=4", "--box-mask", "f16"],
-     dict(quant="int8", quant_bits=6, project={"f8": 4}, box_mask=["f16"])),
-])
+@pytest.mark.parametrize(
+    "extra,kw",
+    [  # every lever at once: per-image params, a calibration read back, zeros
+        (
+            ["--quant", "int8", "--quant-bits", "6", "--project", "f8=4", "--box-mask", "f16"],
+            dict(quant="int8", quant_bits=6, project={"f8": 4}, box_mask=["f16"]),
+        ),
+    ],
+)
 def test_sigkill_then_resume_gives_the_same_bytes(data, extra, kw):
     root, images, ann, _ = data
     tag = "-".join(x.strip("-") for x in extra).replace("=", "").replace(",", "")
     ref, out = root / f"ref-{tag}.zarr", root / f"killed-{tag}.zarr"
     _extract(root, images, ann, f"ref-{tag}", **kw)  # uninterrupted, in this process (same bytes as the CLI)
-    proc = subprocess.Popen(_cli(images, ann, out, extra), cwd=REPO_ROOT, env=subprocess_env(MFDETR_FAKE_SLEEP="0.3"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        _cli(images, ann, out, extra),
+        cwd=REPO_ROOT,
+        env=subprocess_env(MFDETR_FAKE_SLEEP="0.3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and _done(out).sum() < BLOCK and proc.poll() is None:
@@ -212,8 +272,9 @@ def test_sigkill_then_resume_gives_the_same_bytes(data, extra, kw):
         if proc.poll() is None:
             proc.kill()
     assert BLOCK <= _done(out).sum() < N
-    subprocess.run(_cli(images, ann, out, extra), cwd=REPO_ROOT, env=subprocess_env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        _cli(images, ann, out, extra), cwd=REPO_ROOT, env=subprocess_env(), check=True, capture_output=True
+    )
     a, b = tree_bytes(ref), tree_bytes(out)
     assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
 
@@ -237,6 +298,15 @@ def test_estimate_follows_the_schema_and_the_disk_check_refuses(data, monkeypatc
     with pytest.raises(MfdetrError, match=r"GB free.*--force") as e:
         _extract(root, images, ann, "nofit")
     assert "estimated" in str(e.value)
-    ok = extract(SPEC, images, ann, out=str(root / "forced.zarr"), opts=ExtractOptions(topk=TOPK, block=BLOCK),
-                 batch_size=2, workers=0, progress=False, force=True)
+    ok = extract(
+        SPEC,
+        images,
+        ann,
+        out=str(root / "forced.zarr"),
+        opts=ExtractOptions(topk=TOPK, block=BLOCK),
+        batch_size=2,
+        workers=0,
+        progress=False,
+        force=True,
+    )
     assert ok.images_done == N and math.isfinite(res.timings["total"])

@@ -333,17 +333,16 @@ def test_checkpoint_cache_mismatch():
             "levels": [{"name": "p8", "stride": 8, "channels": 4}],
         }
     }
-    ok = {"detector": {"spec": "a", "fingerprint": "f" * 64}, "levels": [LevelSpec("p8", 8, 4)]}
-    check_compatible(ok, attrs, "c", Path("k"))
+    lv8, lv16 = [LevelSpec("p8", 8, 4)], [LevelSpec("p16", 16, 4)]
+
+    def meta(spec, fp, levels):  # what a checkpoint records (mfdetr.model.checkpoint)
+        return {"detector": {"spec": spec, "fingerprint": fp, "levels": levels}, "levels": levels}
+
+    check_compatible(meta("a", "f" * 64, lv8), attrs, "c", Path("k"))
     with pytest.raises(MfdetrError, match="fingerprint"):
-        check_compatible({"detector": {"spec": "b", "fingerprint": "e" * 64}}, attrs, "c", Path("k"))
+        check_compatible(meta("b", "e" * 64, lv8), attrs, "c", Path("k"))
     with pytest.raises(MfdetrError, match="level"):
-        check_compatible(
-            {"detector": {"fingerprint": "f" * 64}, "levels": [LevelSpec("p16", 16, 4)]},
-            attrs,
-            "c",
-            Path("k"),
-        )
+        check_compatible(meta("a", "f" * 64, lv16), attrs, "c", Path("k"))
 
 
 def test_faster_evaluator_equals_pycocotools_on_our_results(tmp_path):

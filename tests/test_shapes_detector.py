@@ -61,7 +61,7 @@ def test_shapes_contract():
 @needs_weights
 def test_shapes_box_ap_on_unseen_seed(tmp_path):
     from mfdetr.data.synth import make_synth
-    from mfdetr.detectors.shapes import box_ap
+    from mfdetr.evaluate.coco_eval import detector_box_ap as box_ap
 
     make_synth(tmp_path, train=0, val=40, size=192, seed=4321, workers=1)
     ann = tmp_path / "val" / "annotations.json"

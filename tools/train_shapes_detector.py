@@ -239,7 +239,7 @@ def acceptance_ap(folder: Path, seed: int, images: int, size: int, data_root: Pa
     """Box AP of the saved folder through the ``hf:`` adapter on a fresh synth val split of ``seed``."""
     from mfdetr.data.synth import make_synth
     from mfdetr.detectors.registry import build_detector
-    from mfdetr.detectors.shapes import box_ap
+    from mfdetr.evaluate.coco_eval import detector_box_ap as box_ap
 
     root = data_root / f"synth_eval_seed{seed}_n{images}_s{size}"
     if not (root / "val" / "annotations.json").is_file():

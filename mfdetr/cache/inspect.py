@@ -14,11 +14,10 @@ from mfdetr.cache.integrity import (
     block_problems,
     check_metadata,
     check_objects,
-    DamagedCacheError,
-    describe,
     expected_metadata,
     read_manifest,
 )
+from mfdetr.cache.guard import DamagedCacheError, describe
 from mfdetr.cache.reader import CacheDataset, cache_meta, open_cache
 from mfdetr.cache.schema import FEAT_GROUP, array_specs
 from mfdetr.cache.writer import decode_float
@@ -59,7 +58,7 @@ def raw_float32_bytes(meta: dict[str, Any], feat_sizes: np.ndarray | None = None
         else:
             h, w = meta["padded"][lv["name"]]
             hw = float(h * w)
-        total += 4.0 * int(lv["channels"]) * hw
+        total += 4.0 * int(lv.get("source_channels", lv["channels"])) * hw  # the detector's width
     return total
 
 

@@ -84,8 +84,9 @@ def project(x: Tensor, mean: np.ndarray, basis: np.ndarray) -> Tensor:
     return (torch.from_numpy(basis).T @ flat).reshape(-1, h, w)
 
 
-def box_region(boxes: np.ndarray, n: int, scale: tuple[float, float], stride: int, hw: tuple[int, int],
-               margin: int) -> Tensor:
+def box_region(
+    boxes: np.ndarray, n: int, scale: tuple[float, float], stride: int, hw: tuple[int, int], margin: int
+) -> Tensor:
     """bool [h,w]: the cells of a stride-``stride`` map covered by the first ``n`` boxes (original px,
     x0 y0 x1 y1; ``scale`` = input px per original px), each grown by ``margin`` cells."""
     h, w = hw
@@ -170,7 +171,9 @@ class StorageCodec:
             if cal is not None:
                 lc.calib = unpack(cal)
             if self.quant == "int8-calib" and lc.calib is None:
-                raise MfdetrError(f"cache metadata lacks the int8 calibration of level {name!r} (corrupt store?)")
+                raise MfdetrError(
+                    f"cache metadata lacks the int8 calibration of level {name!r} (corrupt store?)"
+                )
             if (opts.get("project") or {}).get(name) and lc.basis is None:
                 raise MfdetrError(f"cache metadata lacks the projection of level {name!r} (corrupt store?)")
             self.levels[name] = lc
@@ -182,7 +185,9 @@ class StorageCodec:
             return None
         return box_region(boxes, n, scale, lc.stride, hw, self.margin)
 
-    def pre(self, name: str, x: Tensor, boxes: np.ndarray, n: int, scale: Any) -> tuple[Tensor, Tensor | None]:
+    def pre(
+        self, name: str, x: Tensor, boxes: np.ndarray, n: int, scale: Any
+    ) -> tuple[Tensor, Tensor | None]:
         """Projection + box masking of one float map; (map, region or None)."""
         lc = self.levels[name]
         x = x.float()
@@ -202,8 +207,16 @@ class StorageCodec:
             q = q * reg.numpy().astype(np.uint8)  # constant outside the boxes: compresses away
         return q, (params if self.quant == "int8" else None)
 
-    def decode(self, name: str, raw: Any, params: np.ndarray | None, boxes: np.ndarray, n: int,
-               scale: Any, quantized: bool = True) -> Tensor:
+    def decode(
+        self,
+        name: str,
+        raw: Any,
+        params: np.ndarray | None,
+        boxes: np.ndarray,
+        n: int,
+        scale: Any,
+        quantized: bool = True,
+    ) -> Tensor:
         """float32 map from the cropped stored array: uint8 codes (``quantized``) or the decoded float map."""
         lc = self.levels[name]
         if quantized:
@@ -217,13 +230,17 @@ class StorageCodec:
         return x
 
 
-def calibrate(opts: dict[str, Any], levels: list[dict[str, Any]], samples: list[dict[str, Any]]) -> dict[str, Any]:
+def calibrate(
+    opts: dict[str, Any], levels: list[dict[str, Any]], samples: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The ``storage`` metadata entry: projections and int8-calib ranges from sample detector outputs.
 
     samples: per image {"features": {name: [C,h,w]}, "boxes": [K,4] np, "n": int, "scale": (sx, sy)}.
     """
     if not samples:
-        raise MfdetrError("storage calibration needs at least one image (calib_images >= 1 and a non-empty dataset)")
+        raise MfdetrError(
+            "storage calibration needs at least one image (calib_images >= 1 and a non-empty dataset)"
+        )
     out: dict[str, Any] = {"calib_images": len(samples), "project": {}, "quant": {}}
     widths = opts.get("project") or {}
     names = [lv["name"] for lv in levels]
@@ -236,8 +253,9 @@ def calibrate(opts: dict[str, Any], levels: list[dict[str, Any]], samples: list[
         out["project"][name] = {"mean": pack(mu), "basis": pack(basis)}
     partial["project"] = out["project"]
     if opts.get("quant") == "int8-calib":
-        codec = StorageCodec({"options": {**opts, "quant": "int8"}, "detector": {"levels": levels},
-                              "storage": partial})
+        codec = StorageCodec(
+            {"options": {**opts, "quant": "int8"}, "detector": {"levels": levels}, "storage": partial}
+        )
         bits = int(opts.get("quant_bits", 8))
         for name in names:
             lo = hi = None

@@ -50,8 +50,8 @@ from mfdetr.detectors.hf_features import (
     stage_modules,
     stride_of,
 )
-from mfdetr.detectors.hf_labels import normalize_label_name, resolve_label_map  # noqa: F401  (re-export)
-from mfdetr.detectors.hf_load import folder_fingerprint_parts, load_hf_folder, supported_classes  # noqa: F401
+from mfdetr.detectors.hf_labels import resolve_label_map
+from mfdetr.detectors.hf_load import folder_fingerprint_parts, load_hf_folder
 from mfdetr.detectors.hf_processing import analytic_input_size, select_topk, valid_size
 from mfdetr.errors import MfdetrError
 from mfdetr.utils.hashing import sha256_json

@@ -26,7 +26,7 @@ REPRODUCE_SHAPES = "python tools/train_shapes_detector.py   (about 1 h on a 2-co
 
 
 def supported_specs() -> str:
-    from mfdetr.detectors.hf import supported_classes
+    from mfdetr.detectors.hf_load import supported_classes
 
     return f"specs: {', '.join(SPEC_FORMS)}; hf: classes: {', '.join(supported_classes())}"
 

@@ -10,45 +10,26 @@ from mfdetr.detectors.base import level_dicts
 from mfdetr.errors import MfdetrError
 
 
-def get(obj: Any, key: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
 def meta_detector(meta: dict[str, Any]) -> dict[str, Any]:
-    """The detector a checkpoint was trained on: ``{spec, fingerprint, levels, detector_levels, topk}``.
-
-    Reads ``meta["detector"]`` (a dict as in the cache attributes) with top-level fallbacks
-    (``detector_spec``, ``detector_fingerprint``, ``levels``, ``cache.options.topk``).
-    """
-    det = meta.get("detector") if isinstance(meta.get("detector"), dict) else {}
-    cache = meta.get("cache") if isinstance(meta.get("cache"), dict) else {}
-    options = cache.get("options") or meta.get("options") or {}
+    """The detector a checkpoint was trained on: ``{spec, fingerprint, levels, detector_levels, topk}``
+    (``meta`` as ``mfdetr.model.checkpoint.read_checkpoint`` returns it: older formats are upgraded there)."""
+    det = meta["detector"]
     return {
-        "spec": det.get("spec") or meta.get("detector_spec"),
-        "fingerprint": det.get("fingerprint") or meta.get("detector_fingerprint"),
+        "spec": det.get("spec"),
+        "fingerprint": det.get("fingerprint"),
         # the levels the mask network reads / the levels the detector was built with
-        "levels": level_dicts(meta.get("levels") or det.get("levels")),
-        "detector_levels": level_dicts(det.get("levels") or meta.get("levels")),
-        "topk": det.get("topk") or options.get("topk") or meta.get("topk"),
+        "levels": level_dicts(meta["levels"]),
+        "detector_levels": level_dicts(det["levels"]),
+        "topk": det.get("topk"),
     }
 
 
 def meta_categories(meta: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The dataset categories a checkpoint recorded (``[{id, name}]``), if any."""
-    for holder in (
-        meta,
-        meta.get("dataset") or {},
-        meta.get("cache") or {},
-        (meta.get("cache") or {}).get("dataset") or {},
-    ):
-        cats = holder.get("categories") if isinstance(holder, dict) else None
-        if cats:
-            return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats]
-    return None
+    cats = (meta.get("dataset") or {}).get("categories")
+    if not cats:
+        return None
+    return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats]
 
 
 def check_compatible(meta: dict[str, Any], cache_attrs: dict[str, Any], cache: str, checkpoint: Path) -> None:

@@ -32,7 +32,6 @@ import torch
 from mfdetr.cache.integrity import repair_scan
 from mfdetr.cache.schema import ExtractOptions, MatchOptions
 from mfdetr.cache.writer import BlockWriter, create_or_open, float16_warnings, is_url
-from mfdetr.extract.plan import DEFAULT_CACHE_ROOT  # noqa: F401  (re-export)
 from mfdetr.cache.storage import calibrate, needs_calibration, stored_calibration
 from mfdetr.extract.plan import (
     ExtractResult,
@@ -138,6 +137,8 @@ def extract(
         group = create_or_open(path, meta, create=(rank == 0))
     else:
         group = create_or_open(path, meta, create=True, repair=repair)
+    if needs_calibration(meta["options"]):  # a concurrent job may have created it first: use what it stored
+        meta["storage"] = stored_calibration(path, fp) or meta["storage"]
     writer = BlockWriter(group, meta)
     owned = list(range(wid, writer.num_blocks, wtotal))
     repaired, repaired_files = repair_scan(group, meta, owned, full=repair)

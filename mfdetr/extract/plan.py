@@ -141,7 +141,8 @@ def _project_levels(levels: list[dict[str, Any]], opts: ExtractOptions) -> None:
         width = (opts.project or {}).get(lv["name"])
         if width is not None:
             if width > lv["channels"]:
-                raise MfdetrError(f"project.{lv['name']} = {width} exceeds the level's {lv['channels']} channels")
+                raise MfdetrError(
+                    f"project.{lv['name']} = {width} exceeds the level's {lv['channels']} channels")
             lv["source_channels"], lv["channels"] = lv["channels"], int(width)
 
 

@@ -87,6 +87,9 @@ class Sink:
             if self.codec.active:  # projection / box masking / quantization (mfdetr/cache/storage.py)
                 f, reg = self.codec.pre(name, f, boxes, n, o.scale)
                 if self.codec.quant:
+                    st = self._stats(f"level {name}")
+                    if st is not None:  # decoded values are rounded to float16 too: warn on its range
+                        encode_float(f, self.dtype, None, st)
                     q, params = self.codec.quantize(name, f, reg)
                     vals[f"{FEAT_GROUP}/{name}"] = q
                     if params is not None:
