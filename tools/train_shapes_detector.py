@@ -57,15 +57,29 @@ def log(msg: str) -> None:
 
 ARCHS = {
     # strides 4, 8, 16 into the encoder (half the objects are < 32 px); 3-stage backbone
-    "s4": dict(emb=32, hidden=[32, 64, 128], depths=[1, 1, 1], out_indices=[1, 2, 3], strides=[4, 8, 16], enc=64),
+    "s4": dict(
+        emb=32, hidden=[32, 64, 128], depths=[1, 1, 1], out_indices=[1, 2, 3], strides=[4, 8, 16], enc=64
+    ),
     # the usual RT-DETR layout: strides 8, 16, 32 into the encoder; the stride-4 stage stays reachable by a hook
-    "s8": dict(emb=32, hidden=[32, 64, 128, 256], depths=[1, 1, 1, 1], out_indices=[2, 3, 4], strides=[8, 16, 32],
-               enc=64),
+    "s8": dict(
+        emb=32,
+        hidden=[32, 64, 128, 256],
+        depths=[1, 1, 1, 1],
+        out_indices=[2, 3, 4],
+        strides=[8, 16, 32],
+        enc=64,
+    ),
 }
 
 
-def build_config(num_labels: int, id2label: dict[int, str], size: int, arch: str = "s8", queries: int = 30,
-                 dec_layers: int = 3):
+def build_config(
+    num_labels: int,
+    id2label: dict[int, str],
+    size: int,
+    arch: str = "s8",
+    queries: int = 30,
+    dec_layers: int = 3,
+):
     """The shipped architecture: a small RT-DETR (about 2-3M parameters)."""
     from transformers import RTDetrConfig, RTDetrResNetConfig
 
@@ -190,7 +204,11 @@ def quick_ap(model, pix: torch.Tensor, targets: list[dict], size: int, batch: in
 
     was_training = model.training
     model.eval()
-    gt = {"images": [], "annotations": [], "categories": [{"id": i + 1} for i in range(model.config.num_labels)]}
+    gt = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i + 1} for i in range(model.config.num_labels)],
+    }
     dets = []
     aid = 1
     for i, t in enumerate(targets):
@@ -198,8 +216,14 @@ def quick_ap(model, pix: torch.Tensor, targets: list[dict], size: int, batch: in
         for lab, b in zip(t["class_labels"].tolist(), t["boxes"].tolist()):
             cx, cy, w, h = (v * size for v in b)
             gt["annotations"].append(
-                {"id": aid, "image_id": i + 1, "category_id": lab + 1, "bbox": [cx - w / 2, cy - h / 2, w, h],
-                 "area": w * h, "iscrowd": 0}
+                {
+                    "id": aid,
+                    "image_id": i + 1,
+                    "category_id": lab + 1,
+                    "bbox": [cx - w / 2, cy - h / 2, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
             )
             aid += 1
     for s in range(0, len(pix), batch):
@@ -213,8 +237,14 @@ def quick_ap(model, pix: torch.Tensor, targets: list[dict], size: int, batch: in
         for j in range(n):
             for k in range(sc.shape[1]):
                 cx, cy, w, h = bx[j, k].tolist()
-                dets.append({"image_id": s + j + 1, "category_id": int(lab[j, k]) + 1,
-                             "bbox": [cx - w / 2, cy - h / 2, w, h], "score": float(sc[j, k])})
+                dets.append(
+                    {
+                        "image_id": s + j + 1,
+                        "category_id": int(lab[j, k]) + 1,
+                        "bbox": [cx - w / 2, cy - h / 2, w, h],
+                        "score": float(sc[j, k]),
+                    }
+                )
     model.train(was_training)
     import contextlib
     import io
@@ -291,23 +321,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--final-lr-frac", type=float, default=0.05)
-    ap.add_argument("--accept-seed", type=int, default=1234,
-                    help="after saving: box AP through build_detector('hf:OUT') on make_synth(val=N, seed=this), "
-                         "a seed never used in training (-1 = skip)")
+    ap.add_argument(
+        "--accept-seed",
+        type=int,
+        default=1234,
+        help="after saving: box AP through build_detector('hf:OUT') on make_synth(val=N, seed=this), "
+        "a seed never used in training (-1 = skip)",
+    )
     ap.add_argument("--accept-images", type=int, default=300)
     ap.add_argument("--clip", type=float, default=0.1)
     ap.add_argument("--ema-decay", type=float, default=0.999)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="1 is fastest whenever other jobs share the CPU (OpenMP barriers stall under contention)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="1 is fastest whenever other jobs share the CPU (OpenMP barriers stall under contention)",
+    )
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-images", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--max-minutes", type=float, default=0.0,
-                    help="safety stop: checkpoint and exit after this many minutes (0 = none); rerun to resume")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="safety stop: checkpoint and exit after this many minutes (0 = none); rerun to resume",
+    )
     ap.add_argument("--no-resume", action="store_true")
-    ap.add_argument("--export-only", action="store_true",
-                    help="save the latest checkpoint's EMA weights to --out as an HF folder, without training")
+    ap.add_argument(
+        "--export-only",
+        action="store_true",
+        help="save the latest checkpoint's EMA weights to --out as an HF folder, without training",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -325,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     tr_pix, tr_t, cats = load_split(args.data / "train", args.size)
     va_pix, va_t, _ = load_split(args.data / "val", args.size, limit=args.eval_images)
     names = [c["name"] for c in cats]
-    log(f"loaded {len(tr_pix)} train / {len(va_pix)} val images in {time.time() - t0:.0f}s; categories {names}")
+    log(
+        f"loaded {len(tr_pix)} train / {len(va_pix)} val images in {time.time() - t0:.0f}s; categories {names}"
+    )
     id2label = {i: n for i, n in enumerate(names)}
 
     config = build_config(len(names), id2label, args.size, args.arch, args.queries, args.dec_layers)
@@ -368,9 +415,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_ckpt() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state, "gen": g.get_state(),
-                    "torch_rng": torch.get_rng_state(), "step": step, "wall": wall, "cpu": cpu_prev + time.process_time() - cpu0,
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema.state,
+                "gen": g.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "wall": wall,
+                "cpu": cpu_prev + time.process_time() - cpu0,
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            },
+            tmp,
+        )
         os.replace(tmp, ckpt_path)
 
     if args.export_only:
@@ -385,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     n = len(tr_pix)
+
     # the epoch permutation is a pure function of (seed, epoch) so resuming mid-epoch is exact
     def batch_indices(s: int) -> torch.Tensor:
         e, off = divmod(s * args.batch, n)
@@ -440,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             t = time.time()
             a = quick_ap(model, va_pix, va_t, args.size)
-            log(f"step {step}: seed-{args.seed} val AP (first {len(va_pix)} images) = {a:.3f} [{time.time() - t:.0f}s]")
+            log(
+                f"step {step}: seed-{args.seed} val AP (first {len(va_pix)} images) = {a:.3f} [{time.time() - t:.0f}s]"
+            )
             seg_start += time.time() - t  # evaluation time is not training time
         if args.max_minutes and (time.time() - run_start) / 60 > args.max_minutes:
             wall += time.time() - seg_start
@@ -463,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(args.out, safe_serialization=True)
     build_processor(args.size).save_pretrained(args.out)
     meta = {
-        "command": "python tools/train_shapes_detector.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python tools/train_shapes_detector.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "data": f"make_synth(train={args.train_images}, val={args.val_images}, size={args.size}, seed={args.seed})",
         "seed": args.seed,
         "arch": args.arch,
@@ -483,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     size_mb = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
     log(f"saved {args.out} ({size_mb:.1f} MB)")
     if args.accept_seed >= 0:
-        meta["acceptance"] = acceptance_ap(args.out, args.accept_seed, args.accept_images, args.size, args.data.parent)
+        meta["acceptance"] = acceptance_ap(
+            args.out, args.accept_seed, args.accept_images, args.size, args.data.parent
+        )
         meta["checkpoint_mb"] = round(size_mb, 1)
         (args.out / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         log(f"acceptance: {meta['acceptance']}")

@@ -20,7 +20,8 @@ A *batch* (``collate_records``):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,7 +68,9 @@ def collate_records(records: Sequence[dict[str, Any]], levels: Sequence[LevelSpe
     return batch
 
 
-def records_from_detections(outputs: Sequence[DetectorOutput], topk: int | None = None) -> list[dict[str, Any]]:
+def records_from_detections(
+    outputs: Sequence[DetectorOutput], topk: int | None = None
+) -> list[dict[str, Any]]:
     """Live path: DetectorOutputs -> records (padded to a common K = ``topk`` or the max count)."""
     k = topk if topk is not None else max(1, max(int(o.boxes.shape[0]) for o in outputs))
     records = []

@@ -31,7 +31,7 @@ class GuardedStore(WrapperStore):
         super().__init__(store)
         self._index, self._present = index, present
 
-    def _with_store(self, store: Any) -> "GuardedStore":
+    def _with_store(self, store: Any) -> GuardedStore:
         return type(self)(store, self._index, self._present)
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
@@ -65,9 +65,11 @@ class DamagedCacheError(MfdetrError):
 
 
 def repair_hint(path: str) -> str:
-    return (f"repair it with `mfdetr extract ... --repair` (the same options that wrote {path}; only damaged "
-            f"blocks are re-extracted), list every problem with `mfdetr cache verify {path}`, or read on "
-            "without the damaged images with skip_damaged=True (`--skip-damaged`)")
+    return (
+        f"repair it with `mfdetr extract ... --repair` (the same options that wrote {path}; only damaged "
+        f"blocks are re-extracted), list every problem with `mfdetr cache verify {path}`, or read on "
+        "without the damaged images with skip_damaged=True (`--skip-damaged`)"
+    )
 
 
 @dataclass
@@ -80,8 +82,9 @@ class ReadGuard:
     damaged: dict[int, Problem]
 
 
-def open_checks(group: zarr.Group, meta: dict[str, Any], path: str, done: np.ndarray, bad: np.ndarray,
-                skip_damaged: bool) -> ReadGuard:
+def open_checks(
+    group: zarr.Group, meta: dict[str, Any], path: str, done: np.ndarray, bad: np.ndarray, skip_damaged: bool
+) -> ReadGuard:
     """A reader's checks at open (``block_problems``, metadata files; with ``skip_damaged`` also
     presence + sizes of every done block's objects, so that damaged blocks are skipped up front).
     Raises DamagedCacheError on a problem unless ``skip_damaged`` (then warns with a count)."""
@@ -95,8 +98,11 @@ def open_checks(group: zarr.Group, meta: dict[str, Any], path: str, done: np.nda
     damaged = block_problems(layout, manifest, done, bad, reread)
     meta_probs = check_metadata(group.store, expected_metadata(group, layout))
     if skip_damaged and manifest is not None:
-        blocks = [b for b in range(layout.num_blocks) if b not in damaged
-                  and bool(done[slice(*layout.positions(b))].all())]
+        blocks = [
+            b
+            for b in range(layout.num_blocks)
+            if b not in damaged and bool(done[slice(*layout.positions(b))].all())
+        ]
         for p in check_objects(group.store, layout, manifest, blocks, full=False):
             damaged.setdefault(int(p.block), p)  # type: ignore[arg-type]
     probs = meta_probs + [damaged[b] for b in sorted(damaged)]
@@ -105,9 +111,12 @@ def open_checks(group: zarr.Group, meta: dict[str, Any], path: str, done: np.nda
         raise DamagedCacheError(f"cache {path} is damaged: {probs[0]}{more}; {repair_hint(path)}")
     if probs:
         n_img = sum(p.positions[1] - p.positions[0] for p in damaged.values() if p.positions)
-        warnings.warn(f"cache {path}: skipping {len(damaged)} damaged block(s) ({n_img} image positions)"
-                      + (f"; {len(meta_probs)} damaged metadata file(s) ignored" if meta_probs else "")
-                      + f": first: {probs[0]}", stacklevel=3)
+        warnings.warn(
+            f"cache {path}: skipping {len(damaged)} damaged block(s) ({n_img} image positions)"
+            + (f"; {len(meta_probs)} damaged metadata file(s) ignored" if meta_probs else "")
+            + f": first: {probs[0]}",
+            stacklevel=3,
+        )
     return ReadGuard(layout.index, present_mask(manifest, layout.num_blocks, len(layout.names)), damaged)
 
 

@@ -70,7 +70,9 @@ class RangeFallbackHTTPFileSystem(HTTPFileSystem):
         self._locks: dict[str, asyncio.Lock] = {}
         self.ranges_ignored = False
 
-    async def _cat_file(self, url: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+    async def _cat_file(
+        self, url: str, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
         if start is None and end is None:
             return await super()._cat_file(url, **kwargs)
         if start == end:
@@ -91,8 +93,11 @@ class RangeFallbackHTTPFileSystem(HTTPFileSystem):
                     return out
             # 200: the server ignored Range and sent the whole file
             if not self.ranges_ignored:
-                log.warning("%s ignores HTTP Range requests: reading whole shard files instead "
-                            "(cached in memory, MFDETR_HTTP_WHOLE_FILE_MB)", url.split("/")[2] if "//" in url else url)
+                log.warning(
+                    "%s ignores HTTP Range requests: reading whole shard files instead "
+                    "(cached in memory, MFDETR_HTTP_WHOLE_FILE_MB)",
+                    url.split("/")[2] if "//" in url else url,
+                )
             self.ranges_ignored = True
             self.whole.put(url, out)
             return out[start:end]

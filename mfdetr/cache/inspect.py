@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from mfdetr.cache.guard import DamagedCacheError, describe
 from mfdetr.cache.integrity import (
     Layout,
     Problem,
@@ -17,7 +18,6 @@ from mfdetr.cache.integrity import (
     expected_metadata,
     read_manifest,
 )
-from mfdetr.cache.guard import DamagedCacheError, describe
 from mfdetr.cache.reader import CacheDataset, cache_meta, open_cache
 from mfdetr.cache.schema import FEAT_GROUP, array_specs
 from mfdetr.cache.writer import decode_float
@@ -37,7 +37,7 @@ def _disk_usage(path: str) -> tuple[int | None, dict[str, int]]:
         for p, info in fs.find(root, detail=True).items():
             size = int(info.get("size") or 0)
             total += size
-            rel = p[len(root.rstrip("/")) + 1:] if p.startswith(root.rstrip("/")) else p
+            rel = p[len(root.rstrip("/")) + 1 :] if p.startswith(root.rstrip("/")) else p
             parts = rel.split("/")
             key = "/".join(parts[:2]) if parts[0] == FEAT_GROUP and len(parts) > 2 else parts[0]
             per[key] = per.get(key, 0) + size
@@ -73,7 +73,9 @@ def _estimated_total(meta: dict[str, Any], done_sizes: np.ndarray, bpi: float | 
     else:
         lv0 = meta["detector"]["levels"][0]
         hw = tuple(int(v) * int(lv0["stride"]) for v in meta["padded"][lv0["name"]])
-    est = estimate_image_bytes(meta["detector"]["levels"], hw, int(meta["detector"]["query_dim"]), meta["options"])
+    est = estimate_image_bytes(
+        meta["detector"]["levels"], hw, int(meta["detector"]["query_dim"]), meta["options"]
+    )
     return {"images": n, "measured": None if bpi is None else bpi * n, "schema": est["total"] * n}
 
 
@@ -133,7 +135,9 @@ def _check_image(ds: CacheDataset, meta: dict[str, Any], i: int, cat_ids: set[in
     if (labels[n:] != -1).any():
         out.append(f"{where}: labels beyond num_boxes are not -1")
     if cat_ids and not set(int(v) for v in labels[:n]) <= cat_ids:
-        out.append(f"{where}: labels {sorted(set(int(v) for v in labels[:n]) - cat_ids)} are not dataset categories")
+        out.append(
+            f"{where}: labels {sorted(set(int(v) for v in labels[:n]) - cat_ids)} are not dataset categories"
+        )
     q = decode_float(np.asarray(raw["queries"]), dtype)
     if not bool(q.isfinite().all()):
         out.append(f"{where}: queries have non-finite values")
@@ -187,7 +191,7 @@ def _with_ids(g: Any, layout: Layout, problems: list[Problem]) -> None:
     for p in problems:
         if p.positions is not None and p.image_ids is None:
             try:
-                p.image_ids = [int(v) for v in np.asarray(g["image_id"][p.positions[0]:p.positions[1]])]
+                p.image_ids = [int(v) for v in np.asarray(g["image_id"][p.positions[0] : p.positions[1]])]
             except Exception:
                 pass
 
@@ -212,8 +216,13 @@ def verify_report(path: Any, quick: bool = False, max_images: int | None = None)
             rep.problems.append(Problem("missing", "array is missing", spec.name))
             continue
         if tuple(a.shape) != spec.shape or np.dtype(a.dtype) != np.dtype(spec.dtype):
-            rep.problems.append(Problem("metadata", f"is {tuple(a.shape)} {a.dtype}, expected {spec.shape} "
-                                        f"{spec.dtype}", spec.name))
+            rep.problems.append(
+                Problem(
+                    "metadata",
+                    f"is {tuple(a.shape)} {a.dtype}, expected {spec.shape} {spec.dtype}",
+                    spec.name,
+                )
+            )
     if rep.problems:
         return rep
     try:
@@ -227,14 +236,22 @@ def verify_report(path: Any, quick: bool = False, max_images: int | None = None)
     manifest = read_manifest(g)
     rep.problems += check_metadata(g.store, expected_metadata(g, layout))
     if manifest is None:
-        rep.problems.append(Problem("no-manifest", "no integrity manifest (written by an older mfdetr): missing "
-                                    "objects read as zeros undetected; `mfdetr extract ... --repair` adds one"))
+        rep.problems.append(
+            Problem(
+                "no-manifest",
+                "no integrity manifest (written by an older mfdetr): missing "
+                "objects read as zeros undetected; `mfdetr extract ... --repair` adds one",
+            )
+        )
     blocks = block_problems(layout, manifest, done, bad)
     rep.problems += [blocks[b] for b in sorted(blocks)]
     objs: list[Problem] = []
     if manifest is not None:
-        ok_blocks = [b for b in range(layout.num_blocks) if b not in blocks
-                     and bool(done[slice(*layout.positions(b))].all())]
+        ok_blocks = [
+            b
+            for b in range(layout.num_blocks)
+            if b not in blocks and bool(done[slice(*layout.positions(b))].all())
+        ]
         objs = check_objects(g.store, layout, manifest, ok_blocks, full=not quick)
     bad_blocks = set(blocks) | {p.block for p in objs if p.kind != "checksum"}
     images = [] if quick else _check_images(path, meta, done, bad, bad_blocks, layout.block, max_images)
@@ -245,16 +262,34 @@ def verify_report(path: Any, quick: bool = False, max_images: int | None = None)
     pos = np.flatnonzero(done)
     if ids is not None and len(pos) > 1 and (np.diff(ids[pos]) <= 0).any():
         j = int(np.flatnonzero(np.diff(ids[pos]) <= 0)[0])
-        rep.problems.append(Problem("content", f"image ids do not increase with position at positions {pos[j]}, "
-                                    f"{pos[j + 1]}", "image_id"))
+        rep.problems.append(
+            Problem(
+                "content",
+                f"image ids do not increase with position at positions {pos[j]}, {pos[j + 1]}",
+                "image_id",
+            )
+        )
     if rep.images_done < n:
-        rep.problems.append(Problem("partial", f"only {rep.images_done} of {n} images are done: the extract is "
-                                    "incomplete (rerun the same `mfdetr extract` to finish it)", "done"))
+        rep.problems.append(
+            Problem(
+                "partial",
+                f"only {rep.images_done} of {n} images are done: the extract is "
+                "incomplete (rerun the same `mfdetr extract` to finish it)",
+                "done",
+            )
+        )
     return rep
 
 
-def _check_images(path: str, meta: dict[str, Any], done: np.ndarray, bad: np.ndarray, skip: set[Any],
-                  block: int, max_images: int | None) -> list[Problem]:
+def _check_images(
+    path: str,
+    meta: dict[str, Any],
+    done: np.ndarray,
+    bad: np.ndarray,
+    skip: set[Any],
+    block: int,
+    max_images: int | None,
+) -> list[Problem]:
     import warnings
 
     with warnings.catch_warnings():

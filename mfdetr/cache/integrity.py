@@ -22,12 +22,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.storage import WrapperStore
 
 from mfdetr.cache.schema import ATTR_KEY, FEAT_GROUP, ArraySpec, array_specs, codecs_for, quiet_zarr
 from mfdetr.errors import MfdetrError
@@ -82,16 +81,32 @@ def manifest_spec(meta: dict[str, Any]) -> ArraySpec:
     names = manifest_names(meta)
     n, b = int(meta["dataset"]["num_images"]), int(meta["options"]["block"])
     nb = max(1, (n + b - 1) // b)
-    return ArraySpec(MANIFEST, (nb, len(names), 2), "int64", (1, len(names), 2), None, 0, False,
-                     {MANIFEST_ATTR: {"arrays": names, "columns": ["size", "crc32c"]}})
+    return ArraySpec(
+        MANIFEST,
+        (nb, len(names), 2),
+        "int64",
+        (1, len(names), 2),
+        None,
+        0,
+        False,
+        {MANIFEST_ATTR: {"arrays": names, "columns": ["size", "crc32c"]}},
+    )
 
 
 def create_manifest(group: zarr.Group, meta: dict[str, Any]) -> None:
     """Create the manifest array (race-safe: an existing one is kept)."""
     spec = manifest_spec(meta)
     try:
-        group.create_array(spec.name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks, fill_value=0,
-                           attributes=dict(spec.attributes), overwrite=False, **codecs_for(spec, meta["options"]))
+        group.create_array(
+            spec.name,
+            shape=spec.shape,
+            dtype=spec.dtype,
+            chunks=spec.chunks,
+            fill_value=0,
+            attributes=dict(spec.attributes),
+            overwrite=False,
+            **codecs_for(spec, meta["options"]),
+        )
     except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError):
         pass
 
@@ -110,8 +125,10 @@ class Layout:
             md = group[name].metadata
             outer = tuple(md.chunk_grid.chunk_shape)
             if outer[0] != self.block or tuple(outer[1:]) != tuple(md.shape[1:]):
-                raise MfdetrError(f"array {name}: chunk grid {outer} is not one object per block of {self.block}; "
-                                  "mfdetr.cache.integrity cannot check this layout")
+                raise MfdetrError(
+                    f"array {name}: chunk grid {outer} is not one object per block of {self.block}; "
+                    "mfdetr.cache.integrity cannot check this layout"
+                )
             self.md[name] = md
 
     def key(self, name: str, b: int) -> str:
@@ -157,8 +174,9 @@ def read_manifest(group: zarr.Group) -> np.ndarray | None:
     return np.asarray(arr[:], dtype=np.int64)
 
 
-def block_problems(layout: Layout, manifest: np.ndarray | None, done: np.ndarray, bad: np.ndarray,
-                   reread_done: Any = None) -> dict[int, Problem]:
+def block_problems(
+    layout: Layout, manifest: np.ndarray | None, done: np.ndarray, bad: np.ndarray, reread_done: Any = None
+) -> dict[int, Problem]:
     """Damaged blocks visible from ``done``, ``bad`` and the manifest alone (see module doc).
     ``reread_done(b)`` re-reads a block's flags: a manifest is written just before ``done``, so a block
     in that instant (a concurrent extract) is given a moment before it counts as damaged."""
@@ -171,19 +189,32 @@ def block_problems(layout: Layout, manifest: np.ndarray | None, done: np.ndarray
         s, e = layout.positions(b)
         bdone = bool(done[s:e].all())
         if bdone and not have[b]:
-            out[b] = Problem("no-manifest", "done but its integrity manifest is missing (manifest chunk lost)",
-                             MANIFEST, b, (s, e), key=f"{MANIFEST}/{layout.md['done'].encode_chunk_key((b,))}")
+            out[b] = Problem(
+                "no-manifest",
+                "done but its integrity manifest is missing (manifest chunk lost)",
+                MANIFEST,
+                b,
+                (s, e),
+                key=f"{MANIFEST}/{layout.md['done'].encode_chunk_key((b,))}",
+            )
         elif have[b] and not done[s:e].any():
             if reread_done is not None:
                 time.sleep(0.2)
                 if bool(reread_done(b)):
                     continue
-            out[b] = Problem("done-missing", "its arrays and manifest were written but the done flags are "
-                             "missing (the done chunk was lost, or an extract was killed at that instant)",
-                             "done", b, (s, e), key=layout.key("done", b))
+            out[b] = Problem(
+                "done-missing",
+                "its arrays and manifest were written but the done flags are "
+                "missing (the done chunk was lost, or an extract was killed at that instant)",
+                "done",
+                b,
+                (s, e),
+                key=layout.key("done", b),
+            )
         elif bdone and bad_col is not None and manifest[b, bad_col, 0] > 0 and not bad[s:e].any():
-            out[b] = Problem("missing", "object missing (reads as fill values)", "bad", b, (s, e),
-                             key=layout.key("bad", b))
+            out[b] = Problem(
+                "missing", "object missing (reads as fill values)", "bad", b, (s, e), key=layout.key("bad", b)
+            )
     return out
 
 
@@ -207,8 +238,9 @@ async def _check_one(store: Any, key: str, size: int, crc: int, full: bool) -> s
     return None if _crc(data) == crc else "checksum"
 
 
-def check_objects(store: Any, layout: Layout, manifest: np.ndarray, blocks: list[int], full: bool,
-                  concurrency: int = 64) -> list[Problem]:
+def check_objects(
+    store: Any, layout: Layout, manifest: np.ndarray, blocks: list[int], full: bool, concurrency: int = 64
+) -> list[Problem]:
     """Every object of ``blocks`` against the manifest: presence and size, plus crc32c when ``full``."""
     from zarr.core.sync import sync
 
@@ -237,7 +269,10 @@ def check_objects(store: Any, layout: Layout, manifest: np.ndarray, blocks: list
         elif res == "checksum":
             msg = f"object {layout.key(n, b)} differs from what was written (crc32c mismatch)"
         else:
-            kind, msg = "size", f"object {layout.key(n, b)} is {res.split()[1]} bytes, the manifest says {size}"
+            kind, msg = (
+                "size",
+                f"object {layout.key(n, b)} is {res.split()[1]} bytes, the manifest says {size}",
+            )
         out.append(Problem(kind, msg, n, b, layout.positions(b), key=layout.key(n, b)))
     return out
 
@@ -299,14 +334,19 @@ def rewrite_root(path_arg: str, meta: dict[str, Any]) -> None:
     from zarr.core.group import GroupMetadata
     from zarr.core.sync import sync
 
-    store = (zarr.storage.FsspecStore.from_url(path_arg) if "://" in path_arg
-             else zarr.storage.LocalStore(path_arg))
+    store = (
+        zarr.storage.FsspecStore.from_url(path_arg)
+        if "://" in path_arg
+        else zarr.storage.LocalStore(path_arg)
+    )
     doc = GroupMetadata(attributes={ATTR_KEY: meta}).to_buffer_dict(default_buffer_prototype())["zarr.json"]
     sync(store.set("zarr.json", doc))
     zarr.consolidate_metadata(path_arg)
 
 
-def repair_scan(group: zarr.Group, meta: dict[str, Any], blocks: list[int], full: bool) -> tuple[list[int], list[str]]:
+def repair_scan(
+    group: zarr.Group, meta: dict[str, Any], blocks: list[int], full: bool
+) -> tuple[list[int], list[str]]:
     """For ``extract``: (damaged blocks among ``blocks``, metadata files rewritten from the consolidated
     copy). ``full`` reads every object (crc32c); else presence + sizes only."""
     layout = Layout(group, meta)

@@ -12,9 +12,18 @@ def worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(ds: Any, batch_size: int, workers: int, sampler: Any = None, shuffle: bool = False,
-                drop_last: bool = False, seed: int = 0, pin_memory: bool = False, collate_fn: Any = None,
-                persistent: bool = True) -> DataLoader:
+def make_loader(
+    ds: Any,
+    batch_size: int,
+    workers: int,
+    sampler: Any = None,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    seed: int = 0,
+    pin_memory: bool = False,
+    collate_fn: Any = None,
+    persistent: bool = True,
+) -> DataLoader:
     """A DataLoader over cache records (collate = the dataset's unless ``collate_fn``), workers
     started by forkserver (kept across epochs when ``persistent``)."""
     kw: dict[str, Any] = {}
@@ -22,7 +31,9 @@ def make_loader(ds: Any, batch_size: int, workers: int, sampler: Any = None, shu
         import multiprocessing as mp
 
         kw = {
-            "multiprocessing_context": "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn",
+            "multiprocessing_context": "forkserver"
+            if "forkserver" in mp.get_all_start_methods()
+            else "spawn",
             "persistent_workers": persistent,
             "prefetch_factor": 4,
             "worker_init_fn": worker_init,

@@ -92,14 +92,17 @@ class InMemoryDataset(Dataset):
         return getattr(self.base, name)
 
 
-def preload(ds: Any, workers: int = 2, progress: bool = True, desc: str = "preload",
-            skip_damaged: bool = False) -> InMemoryDataset:
+def preload(
+    ds: Any, workers: int = 2, progress: bool = True, desc: str = "preload", skip_damaged: bool = False
+) -> InMemoryDataset:
     """Decode every record of ``ds`` once (``workers`` processes) and return them as an
     ``InMemoryDataset``, in dataset order."""
     dtype = compact_dtype(ds)
     if skip_damaged and hasattr(ds, "skip_damaged"):
         ds.skip_damaged = True  # damaged records come back as None (with a warning): left out here
-    loader: DataLoader = make_loader(ds, batch_size=16, workers=workers, collate_fn=_as_list, persistent=False)
+    loader: DataLoader = make_loader(
+        ds, batch_size=16, workers=workers, collate_fn=_as_list, persistent=False
+    )
     bar = None
     if progress:
         bar = progress_bar(total=len(ds), desc=desc)

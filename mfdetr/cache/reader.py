@@ -25,8 +25,18 @@ from mfdetr.cache.writer import decode_float, store_arg
 from mfdetr.detectors.base import LevelSpec
 from mfdetr.errors import MfdetrError
 
-_BASE = ("image_id", "orig_size", "input_size", "scale", "num_boxes", "feat_size", "boxes", "scores", "labels",
-         "queries")
+_BASE = (
+    "image_id",
+    "orig_size",
+    "input_size",
+    "scale",
+    "num_boxes",
+    "feat_size",
+    "boxes",
+    "scores",
+    "labels",
+    "queries",
+)
 _TARGETS = ("match_ann_id", "match_iou", "mask_targets")
 
 
@@ -85,12 +95,14 @@ class CacheDataset(Dataset):
             done = np.asarray(g["done"][:], dtype=bool)
             bad = np.asarray(g["bad"][:], dtype=bool)
         except Exception as e:
-            raise DamagedCacheError(f"cache {self.path}: its done/bad flags cannot be read ({describe(e)}); "
-                                    f"{repair_hint(self.path)}") from e
+            raise DamagedCacheError(
+                f"cache {self.path}: its done/bad flags cannot be read ({describe(e)}); "
+                f"{repair_hint(self.path)}"
+            ) from e
         self._guard = open_checks(g, self._meta, self.path, done, bad, self.skip_damaged)
         block = int(self._meta["options"]["block"])
         for b in self._guard.damaged:  # skip_damaged (else open_checks raised)
-            done[b * block:(b + 1) * block] = False
+            done[b * block : (b + 1) * block] = False
         self.skipped_blocks = sorted(self._guard.damaged)
         self.skipped_records = 0  # records found damaged while reading (skip_damaged; this process)
         self.positions = np.flatnonzero(done & ~bad)
@@ -148,8 +160,10 @@ class CacheDataset(Dataset):
             try:
                 ids = np.asarray(self._get_group()["image_id"].oindex[self.positions]) if len(self) else []
             except Exception as e:
-                raise DamagedCacheError(f"cache {self.path}: array image_id cannot be read ({describe(e)}); "
-                                        f"{repair_hint(self.path)}") from e
+                raise DamagedCacheError(
+                    f"cache {self.path}: array image_id cannot be read ({describe(e)}); "
+                    f"{repair_hint(self.path)}"
+                ) from e
             self._image_ids = [int(v) for v in ids]
         return self._image_ids
 
@@ -236,9 +250,12 @@ class CacheDataset(Dataset):
         names = ", ".join(n for n, _ in failed) or "?"
         why = describe(failed[0][1] if failed else err)
         block = position // int(self._meta["options"]["block"])
-        return DamagedCacheError(f"cache {self.path}: image id {iid} (position {position}, block {block}) is "
-                                 f"damaged in array {names}: {why}; {repair_hint(self.path)}",
-                                 [n for n, _ in failed], position)
+        return DamagedCacheError(
+            f"cache {self.path}: image id {iid} (position {position}, block {block}) is "
+            f"damaged in array {names}: {why}; {repair_hint(self.path)}",
+            [n for n, _ in failed],
+            position,
+        )
 
     def record_at(self, position: int) -> dict[str, Any]:
         """The record of image ``position`` (it should be done; see ``positions``)."""
@@ -252,9 +269,15 @@ class CacheDataset(Dataset):
             stored = np.asarray(raw[f"{FEAT_GROUP}/{lv.name}"])[:, :h, :w]
             if codec.quant or codec.levels[lv.name].box_mask:  # see mfdetr/cache/storage.py
                 params = raw.get(f"{QPARAM_GROUP}/{lv.name}")
-                feats[lv.name] = codec.decode(lv.name, stored if codec.quant else decode_float(stored, dtype),
-                                              None if params is None else np.asarray(params), raw["boxes"],
-                                              int(raw["num_boxes"]), raw["scale"], quantized=bool(codec.quant))
+                feats[lv.name] = codec.decode(
+                    lv.name,
+                    stored if codec.quant else decode_float(stored, dtype),
+                    None if params is None else np.asarray(params),
+                    raw["boxes"],
+                    int(raw["num_boxes"]),
+                    raw["scale"],
+                    quantized=bool(codec.quant),
+                )
             else:
                 feats[lv.name] = decode_float(stored, dtype)
         rec: dict[str, Any] = {

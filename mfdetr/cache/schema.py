@@ -21,8 +21,9 @@ import contextlib
 import dataclasses
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -120,7 +121,7 @@ class ExtractOptions:
     box_margin: int = 2
     calib_images: int = 16
 
-    def validate(self) -> "ExtractOptions":
+    def validate(self) -> ExtractOptions:
         """Raise MfdetrError on an inconsistent option; return self."""
         if self.topk < 1:
             raise MfdetrError(f"topk must be >= 1, got {self.topk}")
@@ -131,7 +132,9 @@ class ExtractOptions:
         if self.keepbits is not None:
             kmax = STORAGE_DTYPES[self.dtype][1]
             if not 0 <= self.keepbits <= kmax:
-                raise MfdetrError(f"keepbits must be in 0..{kmax} for dtype {self.dtype}, got {self.keepbits}")
+                raise MfdetrError(
+                    f"keepbits must be in 0..{kmax} for dtype {self.dtype}, got {self.keepbits}"
+                )
         if self.mask_size < 8 or self.mask_size % 8:
             raise MfdetrError(f"mask_size must be a positive multiple of 8, got {self.mask_size}")
         if self.block is not None and self.block < 1:
@@ -187,14 +190,21 @@ AUTO_BLOCK_BYTES = 32 << 20
 AUTO_BLOCK_RANGE = (8, 64)
 
 
-def auto_block(levels: list[dict[str, Any]], padded: dict[str, list[int]], topk: int, query_dim: int,
-               dtype: str, feat_itemsize: int | None = None) -> int:
+def auto_block(
+    levels: list[dict[str, Any]],
+    padded: dict[str, list[int]],
+    topk: int,
+    query_dim: int,
+    dtype: str,
+    feat_itemsize: int | None = None,
+) -> int:
     """Block size for ``block=None``: the largest power of two with <= 32 MB of (uncompressed,
     padded, storage-dtype) feature maps + queries per shard, clamped to 8..64 images."""
     itemsize = 4 if dtype == "float32" else 2
     fsize = itemsize if feat_itemsize is None else feat_itemsize
     per_image = itemsize * topk * query_dim + fsize * sum(
-        int(lv["channels"]) * padded[lv["name"]][0] * padded[lv["name"]][1] for lv in levels)
+        int(lv["channels"]) * padded[lv["name"]][0] * padded[lv["name"]][1] for lv in levels
+    )
     lo, hi = AUTO_BLOCK_RANGE
     b = lo
     while b * 2 <= hi and b * 2 * per_image <= AUTO_BLOCK_BYTES:
@@ -264,8 +274,13 @@ def array_specs(meta: dict[str, Any]) -> list[ArraySpec]:
     for lv in levels:
         h, w = meta["padded"][lv["name"]]
         specs.append(
-            big(f"{FEAT_GROUP}/{lv['name']}", (int(lv["channels"]), h, w), feat_dtype, lossy=not quant,
-                attributes=feat_attrs)
+            big(
+                f"{FEAT_GROUP}/{lv['name']}",
+                (int(lv["channels"]), h, w),
+                feat_dtype,
+                lossy=not quant,
+                attributes=feat_attrs,
+            )
         )
         if quant == "int8":  # per image and channel (lo, step)
             specs.append(big(f"{QPARAM_GROUP}/{lv['name']}", (int(lv["channels"]), 2), "float32"))
@@ -291,11 +306,17 @@ def codecs_for(spec: ArraySpec, opts: dict[str, Any]) -> dict[str, Any]:
     elif codec == "zstd":
         compressors = [ZstdCodec(level=3 if level is None else int(level))]
     elif codec == "lz4":
-        compressors = [BloscCodec(cname="lz4", clevel=5 if level is None else int(level), shuffle="shuffle",
-                                  typesize=itemsize)]
+        compressors = [
+            BloscCodec(
+                cname="lz4", clevel=5 if level is None else int(level), shuffle="shuffle", typesize=itemsize
+            )
+        ]
     elif codec == "blosc-zstd":
-        compressors = [BloscCodec(cname="zstd", clevel=3 if level is None else int(level), shuffle="shuffle",
-                                  typesize=itemsize)]
+        compressors = [
+            BloscCodec(
+                cname="zstd", clevel=3 if level is None else int(level), shuffle="shuffle", typesize=itemsize
+            )
+        ]
     else:  # pragma: no cover - validated earlier
         raise MfdetrError(f"unknown codec {codec!r}")
     compressors.append(Crc32cCodec())  # 4 bytes per chunk: corruption is an error, never silent garbage
@@ -335,8 +356,9 @@ def _float_factor(dtype: str, keepbits: int | None, codec: str) -> float:
     return (1 + exp + int(keepbits)) / (8 * np.dtype(STORAGE_DTYPES[dtype][0]).itemsize)
 
 
-def estimate_image_bytes(levels: list[dict[str, Any]], input_size: tuple[int, int], query_dim: int,
-                         opts: dict[str, Any]) -> dict[str, float]:
+def estimate_image_bytes(
+    levels: list[dict[str, Any]], input_size: tuple[int, int], query_dim: int, opts: dict[str, Any]
+) -> dict[str, float]:
     """Estimated stored bytes of one image's arrays, from the schema's dtypes and shapes: feature maps at
     their true size for ``input_size`` (``levels`` with the STORED channel counts, i.e. after any
     projection), queries, per-box arrays, bit-packed mask targets, quantization parameters. Upper
@@ -347,9 +369,11 @@ def estimate_image_bytes(levels: list[dict[str, Any]], input_size: tuple[int, in
     quant = opts.get("quant")
     qfac = 1.0 if codec == "none" or not quant else int(opts.get("quant_bits", 8) or 8) / 8
     k, m = int(opts["topk"]), int(opts["mask_size"])
-    out: dict[str, float] = {"queries": k * query_dim * item * ffac,
-                             "boxes+scores+labels+match": k * (16 + 4 + 8 + 8 + 4),
-                             "mask_targets": k * m * (m // 8)}
+    out: dict[str, float] = {
+        "queries": k * query_dim * item * ffac,
+        "boxes+scores+labels+match": k * (16 + 4 + 8 + 8 + 4),
+        "mask_targets": k * m * (m // 8),
+    }
     h_in, w_in = input_size
     for lv in levels:
         s, c = int(lv["stride"]), int(lv["channels"])

@@ -22,6 +22,7 @@ import torch
 import zarr
 from torch import Tensor
 
+from mfdetr.cache.integrity import MANIFEST, Layout, create_manifest, record_block, rewrite_root
 from mfdetr.cache.schema import (
     ATTR_KEY,
     FEAT_GROUP,
@@ -33,7 +34,6 @@ from mfdetr.cache.schema import (
     codecs_for,
     quiet_zarr,
 )
-from mfdetr.cache.integrity import MANIFEST, Layout, create_manifest, record_block, rewrite_root
 from mfdetr.errors import MfdetrError
 
 
@@ -47,7 +47,7 @@ def local_path(path: str | os.PathLike) -> Path | None:
     """The local filesystem path of a store, or None for a remote URL."""
     s = str(path)
     if s.startswith("file://"):
-        return Path(s[len("file://"):])
+        return Path(s[len("file://") :])
     return None if is_url(s) else Path(s)
 
 
@@ -64,7 +64,9 @@ def store_arg(path: str | os.PathLike) -> str:
 FLOAT16_MIN_NORMAL = 2.0**-14
 
 
-def encode_float(x: Tensor, dtype: str, keepbits: int | None, stats: dict[str, int] | None = None) -> np.ndarray:
+def encode_float(
+    x: Tensor, dtype: str, keepbits: int | None, stats: dict[str, int] | None = None
+) -> np.ndarray:
     """float tensor -> the on-disk numpy array for storage ``dtype`` (see schema.STORAGE_DTYPES).
 
     float16 clamps to +-65504 (no inf on disk); bfloat16 becomes uint16 bit patterns, bit-rounded
@@ -90,7 +92,9 @@ def encode_float(x: Tensor, dtype: str, keepbits: int | None, stats: dict[str, i
         if keepbits is not None:
             import numcodecs
 
-            rounded = numcodecs.BitRound(int(keepbits)).encode(np.ascontiguousarray(x.numpy())).view(np.float32)
+            rounded = (
+                numcodecs.BitRound(int(keepbits)).encode(np.ascontiguousarray(x.numpy())).view(np.float32)
+            )
             x = torch.from_numpy(np.array(rounded, dtype=np.float32).reshape(x.shape))
         return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     raise MfdetrError(f"unknown storage dtype {dtype!r}")
@@ -150,8 +154,15 @@ def _create_array(g: zarr.Group, spec: ArraySpec, opts: dict[str, Any]) -> None:
     kw = codecs_for(spec, opts)
     try:
         g.create_array(
-            spec.name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks, shards=spec.shards,
-            fill_value=spec.fill_value, attributes=dict(spec.attributes), overwrite=False, **kw,
+            spec.name,
+            shape=spec.shape,
+            dtype=spec.dtype,
+            chunks=spec.chunks,
+            shards=spec.shards,
+            fill_value=spec.fill_value,
+            attributes=dict(spec.attributes),
+            overwrite=False,
+            **kw,
         )
     except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError):
         a = g[spec.name]
@@ -178,7 +189,11 @@ def _check_root(path: str, meta: dict[str, Any], repair: bool) -> None:
         except Exception as e:
             why = f"is damaged ({type(e).__name__}: {e})"
         else:
-            if g.attrs.get(ATTR_KEY) is not None or g.attrs.get(INCOMPLETE_KEY) is not None or "done" not in g:
+            if (
+                g.attrs.get(ATTR_KEY) is not None
+                or g.attrs.get(INCOMPLETE_KEY) is not None
+                or "done" not in g
+            ):
                 return
             why = f"has lost its '{ATTR_KEY}' attribute"
     if not repair:
@@ -279,7 +294,7 @@ class BlockBuffer:
                 c, h, w = v.shape
                 if c != dst.shape[1] or h > dst.shape[2] or w > dst.shape[3]:
                     raise MfdetrError(
-                        f"image position {position}: level {name[len(FEAT_GROUP) + 1:]} map is {tuple(v.shape)}, "
+                        f"image position {position}: level {name[len(FEAT_GROUP) + 1 :]} map is {tuple(v.shape)}, "
                         f"larger than the cache's padded {tuple(dst.shape[1:])}: the detector's input_size() "
                         "disagrees with what detect() returned"
                     )
@@ -348,8 +363,11 @@ class BlockWriter:
 
         async def _all() -> None:
             await asyncio.gather(
-                *(self._arrays[spec.name]._async_array.setitem(sel, buf.arrays[spec.name])
-                  for spec in self.specs if spec.name != "done")
+                *(
+                    self._arrays[spec.name]._async_array.setitem(sel, buf.arrays[spec.name])
+                    for spec in self.specs
+                    if spec.name != "done"
+                )
             )
 
         sync(_all())  # every data array of the block (concurrently), then what they stored, then:

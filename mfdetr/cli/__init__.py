@@ -34,8 +34,11 @@ def main() -> None:
             raise
         # a last resort: the writers name the bytes needed; any other write on a full disk still ends here
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"error: disk full{where} ({e.strerror or e}); free space or choose another --out, then run "
-              "the same command again", file=sys.stderr)
+        print(
+            f"error: disk full{where} ({e.strerror or e}); free space or choose another --out, then run "
+            "the same command again",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

@@ -35,7 +35,10 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the mfdetr version and exit."
     ),
     max_image_pixels: int | None = typer.Option(
-        None, "--max-image-pixels", min=1, help="Image size limit in pixels for every command (default "
+        None,
+        "--max-image-pixels",
+        min=1,
+        help="Image size limit in pixels for every command (default "
         "200000000 = 200 MP; also MFDETR_MAX_IMAGE_PIXELS): larger images are refused before decoding, a "
         "guard against decompression bombs. Give it first: mfdetr --max-image-pixels N extract ...",
     ),

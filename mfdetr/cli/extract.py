@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,60 +11,132 @@ from mfdetr.cli.app import app
 
 @app.command("extract")
 def extract_cmd(
-    detector: str = typer.Option(..., "--detector", help="Detector spec: 'shapes' (shipped), 'hf:PATH' (a Hugging Face "
-                                 "checkpoint folder) or 'py:module:function' (a factory returning a FrozenDetector)."),
-    images: Path = typer.Option(..., "--images", help="Image root; the JSON's file_name values are relative to it."),
-    annotations: Path = typer.Option(..., "--annotations", help="COCO instances JSON (needed for the mask targets)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Store path or fsspec URL to write. Default: a store named "
-                                      "by its fingerprint under --cache-root."),
-    cache_root: Optional[str] = typer.Option(None, "--cache-root", help="Directory (or URL) holding stores named "
-                                             "<detector>-<dataset>-<fingerprint>.zarr; an identical earlier "
-                                             "extraction is found and reused. Default: ./cache."),
+    detector: str = typer.Option(
+        ...,
+        "--detector",
+        help="Detector spec: 'shapes' (shipped), 'hf:PATH' (a Hugging Face "
+        "checkpoint folder) or 'py:module:function' (a factory returning a FrozenDetector).",
+    ),
+    images: Path = typer.Option(
+        ..., "--images", help="Image root; the JSON's file_name values are relative to it."
+    ),
+    annotations: Path = typer.Option(
+        ..., "--annotations", help="COCO instances JSON (needed for the mask targets)."
+    ),
+    out: str | None = typer.Option(
+        None,
+        "--out",
+        help="Store path or fsspec URL to write. Default: a store named "
+        "by its fingerprint under --cache-root.",
+    ),
+    cache_root: str | None = typer.Option(
+        None,
+        "--cache-root",
+        help="Directory (or URL) holding stores named "
+        "<detector>-<dataset>-<fingerprint>.zarr; an identical earlier "
+        "extraction is found and reused. Default: ./cache.",
+    ),
     topk: int = typer.Option(100, "--topk", help="Boxes kept per image (top-k by score)."),
-    levels: Optional[str] = typer.Option(None, "--levels", help="Comma-separated feature level names to store "
-                                         "(default: the detector's default levels)."),
-    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of features and queries: float16, bfloat16 "
-                              "or float32."),
-    codec: str = typer.Option("zstd", "--codec", help="Compressor: zstd, lz4 (Blosc, byte shuffle), blosc-zstd "
-                              "(Blosc zstd, byte shuffle) or none."),
-    codec_level: Optional[int] = typer.Option(None, "--codec-level", help="Compression level (default: zstd 3, "
-                                              "lz4 5, blosc-zstd 3)."),
-    keepbits: Optional[int] = typer.Option(None, "--keepbits", help="Lossy: BitRound mantissa bits kept in features "
-                                           "and queries (<= 10 float16, <= 7 bfloat16). Default: lossless."),
+    levels: str | None = typer.Option(
+        None,
+        "--levels",
+        help="Comma-separated feature level names to store (default: the detector's default levels).",
+    ),
+    dtype: str = typer.Option(
+        "float16", "--dtype", help="Storage dtype of features and queries: float16, bfloat16 or float32."
+    ),
+    codec: str = typer.Option(
+        "zstd",
+        "--codec",
+        help="Compressor: zstd, lz4 (Blosc, byte shuffle), blosc-zstd (Blosc zstd, byte shuffle) or none.",
+    ),
+    codec_level: int | None = typer.Option(
+        None, "--codec-level", help="Compression level (default: zstd 3, lz4 5, blosc-zstd 3)."
+    ),
+    keepbits: int | None = typer.Option(
+        None,
+        "--keepbits",
+        help="Lossy: BitRound mantissa bits kept in features "
+        "and queries (<= 10 float16, <= 7 bfloat16). Default: lossless.",
+    ),
     mask_size: int = typer.Option(64, "--mask-size", help="Side of the stored mask targets (multiple of 8)."),
-    match: str = typer.Option("iou", "--match", help="Matching rule: 'iou' (each box -> the best non-crowd GT with "
-                              "IoU >= threshold; one-to-many, default) or 'hungarian' (DETR one-to-one)."),
+    match: str = typer.Option(
+        "iou",
+        "--match",
+        help="Matching rule: 'iou' (each box -> the best non-crowd GT with "
+        "IoU >= threshold; one-to-many, default) or 'hungarian' (DETR one-to-one).",
+    ),
     iou_threshold: float = typer.Option(0.5, "--iou-threshold", help="Minimum box IoU of a match."),
-    block: Optional[int] = typer.Option(None, "--block", help="Images per Zarr shard; the unit of work, resume and "
-                                        "ownership. Default: auto, ~32 MB of features per shard, 8 to 64 images."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Lossy: affine quantization of the feature maps to "
-                                        "uint8: 'int8' (scale + offset per image and channel) or 'int8-calib' "
-                                        "(per channel, calibrated once on --calib-images images)."),
-    quant_bits: int = typer.Option(8, "--quant-bits", help="Bits of --quant codes (2..8; fewer compress smaller)."),
-    project: Optional[str] = typer.Option(None, "--project", help="Lossy: PCA-project levels to fewer channels, "
-                                          "e.g. 'b4=32,e8=64' (fitted on --calib-images images; the mask network "
-                                          "takes the projected width)."),
-    box_mask: Optional[str] = typer.Option(None, "--box-mask", help="Comma-separated levels kept only inside the "
-                                           "union of the kept boxes (+ --box-margin cells); zeros elsewhere."),
+    block: int | None = typer.Option(
+        None,
+        "--block",
+        help="Images per Zarr shard; the unit of work, resume and "
+        "ownership. Default: auto, ~32 MB of features per shard, 8 to 64 images.",
+    ),
+    quant: str | None = typer.Option(
+        None,
+        "--quant",
+        help="Lossy: affine quantization of the feature maps to "
+        "uint8: 'int8' (scale + offset per image and channel) or 'int8-calib' "
+        "(per channel, calibrated once on --calib-images images).",
+    ),
+    quant_bits: int = typer.Option(
+        8, "--quant-bits", help="Bits of --quant codes (2..8; fewer compress smaller)."
+    ),
+    project: str | None = typer.Option(
+        None,
+        "--project",
+        help="Lossy: PCA-project levels to fewer channels, "
+        "e.g. 'b4=32,e8=64' (fitted on --calib-images images; the mask network "
+        "takes the projected width).",
+    ),
+    box_mask: str | None = typer.Option(
+        None,
+        "--box-mask",
+        help="Comma-separated levels kept only inside the "
+        "union of the kept boxes (+ --box-margin cells); zeros elsewhere.",
+    ),
     box_margin: int = typer.Option(2, "--box-margin", help="Cells added around each box for --box-mask."),
     calib_images: int = typer.Option(16, "--calib-images", help="Images fitting --project / int8-calib."),
-    force: bool = typer.Option(False, "--force", help="Extract even when the estimated cache size exceeds the "
-                               "target disk's free space."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Extract even when the estimated cache size exceeds the target disk's free space.",
+    ),
     batch_size: int = typer.Option(4, "--batch-size", help="Images per detector forward."),
-    device: str = typer.Option("cpu", "--device", help="Torch device for the detector (cpu, cuda, cuda:1, ...)."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes decoding images (0 = in process)."),
-    writers: int = typer.Option(1, "--writers", help="Writer processes doing matching, conversion, compression and "
-                                "writes (0 = a thread of this process). Raise it when the detector is fast (GPU) "
-                                "and cores are free."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this job writes only blocks b with b % n == i "
-                                        "(independent batch jobs filling one cache)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or inconsistent images (listed at the "
-                                  "end) instead of stopping at the first one."),
+    device: str = typer.Option(
+        "cpu", "--device", help="Torch device for the detector (cpu, cuda, cuda:1, ...)."
+    ),
+    workers: int = typer.Option(
+        2, "--workers", help="DataLoader worker processes decoding images (0 = in process)."
+    ),
+    writers: int = typer.Option(
+        1,
+        "--writers",
+        help="Writer processes doing matching, conversion, compression and "
+        "writes (0 = a thread of this process). Raise it when the detector is fast (GPU) "
+        "and cores are free.",
+    ),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="i/n: this job writes only blocks b with b % n == i (independent batch jobs filling one cache).",
+    ),
+    skip_bad: bool = typer.Option(
+        False,
+        "--skip-bad",
+        help="Skip unreadable or inconsistent images (listed at the "
+        "end) instead of stopping at the first one.",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    repair: bool = typer.Option(False, "--repair", help="Check every done block against its integrity manifest "
-                                "(reads the whole cache: crc32c of every object), rewrite damaged metadata, and "
-                                "re-extract the damaged or missing blocks. A plain rerun checks presence and "
-                                "sizes only."),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="Check every done block against its integrity manifest "
+        "(reads the whole cache: crc32c of every object), rewrite damaged metadata, and "
+        "re-extract the damaged or missing blocks. A plain rerun checks presence and "
+        "sizes only.",
+    ),
 ) -> None:
     """Run the frozen detector once per image and write (or resume, or reuse) a Zarr cache.
 
@@ -94,9 +165,21 @@ def extract_cmd(
     )
     root = Path(cache_root) if cache_root and "://" not in cache_root else cache_root
     res = extract(
-        detector, images, annotations, out=out, cache_root=root, opts=opts, device=device, batch_size=batch_size,
-        workers=workers, writers=writers, shard=parse_shard(shard), skip_bad=skip_bad, progress=not no_progress,
-        repair=repair, force=force,
+        detector,
+        images,
+        annotations,
+        out=out,
+        cache_root=root,
+        opts=opts,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        writers=writers,
+        shard=parse_shard(shard),
+        skip_bad=skip_bad,
+        progress=not no_progress,
+        repair=repair,
+        force=force,
     )
     for f in res.repaired_files:
         typer.echo(f"repaired metadata file {f}")
@@ -108,8 +191,10 @@ def extract_cmd(
         return
     who = f" (shard {shard})" if shard else (f" (rank 0 of {res.world})" if res.world > 1 else "")
     if res.reused:
-        typer.echo(f"cache {res.path} already holds these images{who}: nothing to do "
-                   f"({res.images_done}/{res.num_images} done, fingerprint {res.fingerprint[:12]})")
+        typer.echo(
+            f"cache {res.path} already holds these images{who}: nothing to do "
+            f"({res.images_done}/{res.num_images} done, fingerprint {res.fingerprint[:12]})"
+        )
     else:
         t = res.timings
         typer.echo(

@@ -20,8 +20,11 @@ def synth(
     size: int = typer.Option(192, "--size", min=32, help="Image side in pixels (square images)."),
     seed: int = typer.Option(0, "--seed", help="Dataset seed: the same seed gives byte-identical files."),
     workers: int | None = typer.Option(
-        None, "--workers", min=1, help="Processes to render with (default: the CPU count, at most 8). "
-        "The output does not depend on it."
+        None,
+        "--workers",
+        min=1,
+        help="Processes to render with (default: the CPU count, at most 8). "
+        "The output does not depend on it.",
     ),
 ) -> None:
     """Write the synthetic shapes dataset: six shape categories whose masks differ inside similar boxes,

@@ -79,5 +79,7 @@ def describe_degenerate(found: list[tuple[int, str]], limit: int = 10) -> str:
     """One line naming the skipped annotations (first ``limit`` by id), for warnings."""
     shown = "; ".join(f"annotation id {aid}: {reason}" for aid, reason in found[:limit])
     more = f"; and {len(found) - limit} more" if len(found) > limit else ""
-    return (f"skipped {len(found)} degenerate annotation(s) (no target or ground truth in any stage): "
-            f"{shown}{more}. Fix or remove them in the annotation file to silence this warning.")
+    return (
+        f"skipped {len(found)} degenerate annotation(s) (no target or ground truth in any stage): "
+        f"{shown}{more}. Fix or remove them in the annotation file to silence this warning."
+    )

@@ -34,7 +34,12 @@ DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
 MAX_PIXELS_ENV = "MFDETR_MAX_IMAGE_PIXELS"
 _PIL_LIMIT_LOCK = threading.Lock()
 _READ_ERRORS = (
-    UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
 )
 
 

@@ -11,8 +11,8 @@ Coordinate frames:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -74,7 +74,7 @@ class DetectorOutput:
     orig_size: tuple[int, int]
     extras: dict[str, Tensor] = field(default_factory=dict)
 
-    def to(self, device: torch.device | str) -> "DetectorOutput":
+    def to(self, device: torch.device | str) -> DetectorOutput:
         """A copy with every tensor on ``device``."""
         return DetectorOutput(
             boxes=self.boxes.to(device),
@@ -122,6 +122,6 @@ class FrozenDetector(Protocol):
         """
         ...
 
-    def to(self, device: torch.device | str) -> "FrozenDetector":
+    def to(self, device: torch.device | str) -> FrozenDetector:
         """Move to ``device`` and return self."""
         ...

@@ -144,12 +144,16 @@ def check_outputs(out, model, num_classes: int, spec: str) -> tuple[str, int]:
     name = type(model).__name__
     missing = [k for k in ("logits", "pred_boxes", "last_hidden_state") if getattr(out, k, None) is None]
     if missing:
-        raise MfdetrError(f"{spec}: {name} outputs have no {', '.join(missing)}: the hf: adapter needs class "
-                          "logits, pred_boxes and the decoder's last hidden state per query")
+        raise MfdetrError(
+            f"{spec}: {name} outputs have no {', '.join(missing)}: the hf: adapter needs class "
+            "logits, pred_boxes and the decoder's last hidden state per query"
+        )
     q, lq = out.logits.shape[1], out.last_hidden_state.shape[1]
     if lq != q or out.pred_boxes.shape[1] != q:
-        raise MfdetrError(f"{spec}: {name}'s last_hidden_state has {lq} rows per image for {q} queries "
-                          "(logits): it is not the decoder's embedding of each query")
+        raise MfdetrError(
+            f"{spec}: {name}'s last_hidden_state has {lq} rows per image for {q} queries "
+            "(logits): it is not the decoder's embedding of each query"
+        )
     c = out.logits.shape[-1]
     if c == num_classes + 1:
         kind = "softmax"  # a no-object column: DETR's softmax post-processing

@@ -46,19 +46,27 @@ def resolve_label_map(
             if isinstance(k, str) and not re.fullmatch(r"-?\d+", k.strip()):
                 key = by_name.get(normalize_label_name(k))
                 if key is None:
-                    raise MfdetrError(f"label map: {k!r} is not a label of {where} (labels: {sorted(id2label.values())})")
+                    raise MfdetrError(
+                        f"label map: {k!r} is not a label of {where} (labels: {sorted(id2label.values())})"
+                    )
             else:
                 key = int(k)
                 if key not in id2label:
-                    raise MfdetrError(f"label map: model label id {key} does not exist in {where} "
-                                      f"(ids 0..{len(id2label) - 1})")
+                    raise MfdetrError(
+                        f"label map: model label id {key} does not exist in {where} "
+                        f"(ids 0..{len(id2label) - 1})"
+                    )
             try:
                 val = int(v)
             except (TypeError, ValueError):
-                raise MfdetrError(f"label map: value for {k!r} must be a dataset category id, got {v!r}") from None
+                raise MfdetrError(
+                    f"label map: value for {k!r} must be a dataset category id, got {v!r}"
+                ) from None
             if cat_ids is not None and val not in cat_ids:
-                raise MfdetrError(f"label map: category id {val} (for model label {k!r}) is not in the dataset "
-                                  f"categories {sorted(cat_ids)}")
+                raise MfdetrError(
+                    f"label map: category id {val} (for model label {k!r}) is not in the dataset "
+                    f"categories {sorted(cat_ids)}"
+                )
             out[key] = val
         if not out:
             raise MfdetrError("label map is empty: no model label maps to a dataset category")

@@ -17,14 +17,25 @@ from mfdetr.utils.hashing import sha256_file
 # The DETR-family classes this adapter is tested with (tests/hf_tiny.py builds a tiny one of each); any other
 # object-detection head with the same outputs loads too.
 TESTED_CLASSES = (
-    "DetrForObjectDetection", "ConditionalDetrForObjectDetection", "DabDetrForObjectDetection",
-    "TableTransformerForObjectDetection", "DeformableDetrForObjectDetection", "RTDetrForObjectDetection",
-    "RTDetrV2ForObjectDetection", "DFineForObjectDetection", "Deimv2ForObjectDetection",
-    "LwDetrForObjectDetection", "RfDetrForObjectDetection", "RfDetrForInstanceSegmentation",
+    "DetrForObjectDetection",
+    "ConditionalDetrForObjectDetection",
+    "DabDetrForObjectDetection",
+    "TableTransformerForObjectDetection",
+    "DeformableDetrForObjectDetection",
+    "RTDetrForObjectDetection",
+    "RTDetrV2ForObjectDetection",
+    "DFineForObjectDetection",
+    "Deimv2ForObjectDetection",
+    "LwDetrForObjectDetection",
+    "RfDetrForObjectDetection",
+    "RfDetrForInstanceSegmentation",
 )
 # image processor for a folder without preprocessor_config.json, where transformers' auto mapping has none
-_PROCESSOR_GAPS = {"dab-detr": "ConditionalDetrImageProcessor", "d_fine": "RTDetrImageProcessor",
-                   "rt_detr_v2": "RTDetrImageProcessor"}
+_PROCESSOR_GAPS = {
+    "dab-detr": "ConditionalDetrImageProcessor",
+    "d_fine": "RTDetrImageProcessor",
+    "rt_detr_v2": "RTDetrImageProcessor",
+}
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 

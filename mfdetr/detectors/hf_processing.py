@@ -52,7 +52,9 @@ def analytic_input_size(processor, orig: tuple[int, int]) -> tuple[int, int] | N
     return None
 
 
-def select_topk(logits: Tensor, keep_class: Tensor, score_kind: str, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+def select_topk(
+    logits: Tensor, keep_class: Tensor, score_kind: str, topk: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """(scores [B,K], labels [B,K] model ids, query index [B,K]) from ``logits`` [B,Q,classes], as
     ``post_process_object_detection`` ranks them, with unmapped classes (``keep_class`` [classes] False)
     excluded (score -1.0). score_kind:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -61,7 +62,12 @@ def build_detector(
         if not path:
             raise MfdetrError("hf: spec needs a folder: hf:PATH")
         return build_hf_detector(
-            Path(path).expanduser(), spec=spec, categories=categories, device=device, levels=levels, topk=topk,
+            Path(path).expanduser(),
+            spec=spec,
+            categories=categories,
+            device=device,
+            levels=levels,
+            topk=topk,
             label_map=label_map,
         )
     if spec == "shapes":
@@ -73,11 +79,18 @@ def build_detector(
         from mfdetr.detectors.hf import build_hf_detector
 
         return build_hf_detector(
-            SHAPES_DIR, spec="shapes", categories=categories, device=device, levels=levels, topk=topk,
+            SHAPES_DIR,
+            spec="shapes",
+            categories=categories,
+            device=device,
+            levels=levels,
+            topk=topk,
             label_map=label_map,
         )
     if spec.startswith("py:"):
-        return _build_py(spec, categories=categories, device=device, levels=levels, topk=topk, label_map=label_map)
+        return _build_py(
+            spec, categories=categories, device=device, levels=levels, topk=topk, label_map=label_map
+        )
     raise MfdetrError(f"unknown detector spec {spec!r}; {supported_specs()}")
 
 
@@ -128,7 +141,9 @@ def _validate(det: Any, spec: str) -> None:
     if len(set(names)) != len(names):
         raise MfdetrError(f"{spec}: duplicate level names {names}")
     for x in lv:
-        if not (isinstance(x.stride, int) and x.stride >= 1 and isinstance(x.channels, int) and x.channels >= 1):
+        if not (
+            isinstance(x.stride, int) and x.stride >= 1 and isinstance(x.channels, int) and x.channels >= 1
+        ):
             raise MfdetrError(f"{spec}: level {x} needs a positive int stride and channel count")
     if not isinstance(det.query_dim, int) or det.query_dim < 1:
         raise MfdetrError(f"{spec}: .query_dim must be a positive int, got {det.query_dim!r}")

@@ -31,26 +31,26 @@ import torch
 
 from mfdetr.cache.integrity import repair_scan
 from mfdetr.cache.schema import ExtractOptions, MatchOptions
-from mfdetr.cache.writer import BlockWriter, create_or_open, float16_warnings, is_url
 from mfdetr.cache.storage import calibrate, needs_calibration, stored_calibration
+from mfdetr.cache.writer import BlockWriter, create_or_open, float16_warnings, is_url
+from mfdetr.errors import MfdetrError
 from mfdetr.extract.plan import (
     ExtractResult,
+    build_meta,
     calibration_samples,
     check_disk_space,
     check_output,
     dataset_input_sizes,
     dataset_warnings,
-    disk_full_during_extract,
     detector_for,
+    disk_full_during_extract,
     dist_info,
     make_batches,
-    build_meta,
     parse_shard,
     resolve_store_path,
 )
 from mfdetr.extract.source import FATAL, BatchSource, identity
 from mfdetr.extract.writers import ProcessWriter, ThreadWriter
-from mfdetr.errors import MfdetrError
 from mfdetr.utils.device import resolve_device
 from mfdetr.utils.fs import is_disk_full
 from mfdetr.utils.progress import progress_bar
@@ -86,8 +86,9 @@ def extract(
         or missing blocks are re-extracted either way (``ExtractResult.repaired``).
     force: extract even when the estimated cache size exceeds the target disk's free space.
     """
-    from mfdetr.data.coco import CocoDataset
     import torchvision.ops  # noqa: F401  (slow first import: keep it out of the writer thread)
+
+    from mfdetr.data.coco import CocoDataset
 
     t_start = time.perf_counter()
     opts = (opts or ExtractOptions()).validate()
@@ -111,8 +112,10 @@ def extract(
     need = check_disk_space(path, meta, dataset_input_sizes(detector, dataset), force)
     if needs_calibration(meta["options"]):  # projections / int8 ranges: fitted once, then read back
         meta["storage"] = stored_calibration(path, fp) or calibrate(
-            meta["options"], meta["detector"]["levels"],
-            calibration_samples(detector, dataset, int(meta["options"]["calib_images"]), opts.topk))
+            meta["options"],
+            meta["detector"]["levels"],
+            calibration_samples(detector, dataset, int(meta["options"]["calib_images"]), opts.topk),
+        )
 
     # who owns which blocks
     rank, world, use_dist, own_pg = dist_info()
@@ -155,16 +158,28 @@ def extract(
         n_todo = sum(len(b) for b in batches)
         source = BatchSource(dataset, batches, skip_bad)
         loader = torch.utils.data.DataLoader(
-            source, batch_size=None, shuffle=False, num_workers=max(0, int(workers)), collate_fn=identity,
+            source,
+            batch_size=None,
+            shuffle=False,
+            num_workers=max(0, int(workers)),
+            collate_fn=identity,
             prefetch_factor=2 if workers > 0 else None,
         )
         maxsize = max(2, 2 * int(meta["options"]["block"]))
         # memory:// stores live in this process only: a writer process would write into its own copy
         use_procs = writers > 0 and not str(path).startswith("memory://")
-        bg: Any = (ProcessWriter(path, meta, int(writers), maxsize) if use_procs
-                   else ThreadWriter(writer, meta, maxsize))
-        bar = progress_bar(total=n_todo, desc=f"extract {Path(str(path)).name}", enabled=progress and rank == 0,
-                           leave=True, smoothing=0.1)
+        bg: Any = (
+            ProcessWriter(path, meta, int(writers), maxsize)
+            if use_procs
+            else ThreadWriter(writer, meta, maxsize)
+        )
+        bar = progress_bar(
+            total=n_todo,
+            desc=f"extract {Path(str(path)).name}",
+            enabled=progress and rank == 0,
+            leave=True,
+            smoothing=0.1,
+        )
         try:
             it = iter(loader)
             while True:
@@ -176,7 +191,7 @@ def extract(
                 timings["load_wait"] += time.perf_counter() - t0
                 for _, _, _, reason in batch:
                     if reason is not None and reason.startswith(FATAL):
-                        raise MfdetrError(reason[len(FATAL):])
+                        raise MfdetrError(reason[len(FATAL) :])
                 good = [(p, iid, pl) for p, iid, pl, _ in batch if pl is not None]
                 outs = []
                 if good:
@@ -217,8 +232,18 @@ def extract(
     timings["total"] = time.perf_counter() - t_start
     timings["images_per_s"] = written / timings["total"] if written else 0.0
     return ExtractResult(
-        path=path, fingerprint=fp, num_images=writer.n, images_done=done, images_bad=n_bad, images_written=written,
-        reused=not pending, bad=bad, timings=timings, rank=rank, world=world,
+        path=path,
+        fingerprint=fp,
+        num_images=writer.n,
+        images_done=done,
+        images_bad=n_bad,
+        images_written=written,
+        reused=not pending,
+        bad=bad,
+        timings=timings,
+        rank=rank,
+        world=world,
         warnings=dataset_warnings(dataset, detector) + warns,
-        repaired=repaired, repaired_files=repaired_files,
+        repaired=repaired,
+        repaired_files=repaired_files,
     )

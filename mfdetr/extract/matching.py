@@ -78,7 +78,9 @@ def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
     erb = torch.maximum(a[:, None, 2:], b[None, :, 2:])
     ewh = (erb - elt).clamp(min=0)
     enclosing = ewh[..., 0] * ewh[..., 1]
-    extra = torch.where(enclosing > 0, (enclosing - union) / enclosing.clamp(min=1e-12), torch.zeros_like(enclosing))
+    extra = torch.where(
+        enclosing > 0, (enclosing - union) / enclosing.clamp(min=1e-12), torch.zeros_like(enclosing)
+    )
     return iou - extra
 
 
@@ -92,14 +94,19 @@ def _cxcywh_norm(b: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def hungarian_cost(
-    pred_boxes: Tensor, pred_labels: Tensor, pred_scores: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+    pred_boxes: Tensor,
+    pred_labels: Tensor,
+    pred_scores: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
     image_size: tuple[int, int],
 ) -> Tensor:
     """DETR matching cost [K, G] (float64): class + 5 x L1 (normalised cxcywh) + 2 x (-GIoU)."""
     same = pred_labels.long()[:, None] == gt_labels.long()[None, :]
     cost_class = -(pred_scores.double()[:, None] * same.double())
-    cost_l1 = torch.cdist(_cxcywh_norm(pred_boxes.double(), image_size), _cxcywh_norm(gt_boxes.double(), image_size),
-                          p=1)
+    cost_l1 = torch.cdist(
+        _cxcywh_norm(pred_boxes.double(), image_size), _cxcywh_norm(gt_boxes.double(), image_size), p=1
+    )
     cost_giou = -generalized_box_iou(pred_boxes, gt_boxes)
     w = HUNGARIAN_WEIGHTS
     return w["class"] * cost_class + w["l1"] * cost_l1 + w["giou"] * cost_giou
@@ -130,7 +137,9 @@ def match_boxes(
     if rule not in MATCH_RULES:
         raise ValueError(f"unknown match rule {rule!r}; use one of {MATCH_RULES}")
     crowd = (
-        np.zeros(g, dtype=bool) if gt_iscrowd is None else np.asarray(_as_tensor(gt_iscrowd, torch.bool).numpy(), bool)
+        np.zeros(g, dtype=bool)
+        if gt_iscrowd is None
+        else np.asarray(_as_tensor(gt_iscrowd, torch.bool).numpy(), bool)
     )
     cand = np.flatnonzero(~crowd)
     if k == 0 or cand.size == 0:
@@ -149,8 +158,12 @@ def match_boxes(
     if pred_labels is None or pred_scores is None or gt_labels is None or image_size is None:
         raise ValueError("hungarian matching needs pred_labels, pred_scores, gt_labels and image_size")
     cost = hungarian_cost(
-        pb, _as_tensor(pred_labels, torch.int64), _as_tensor(pred_scores, torch.float64), gb[cand],
-        _as_tensor(gt_labels, torch.int64)[cand], image_size,
+        pb,
+        _as_tensor(pred_labels, torch.int64),
+        _as_tensor(pred_scores, torch.float64),
+        gb[cand],
+        _as_tensor(gt_labels, torch.int64)[cand],
+        image_size,
     ).numpy()
     rows, cols = linear_sum_assignment(cost)
     for r, c in zip(rows, cols):
@@ -217,14 +230,22 @@ def compute_targets(
     ious = np.zeros(k, dtype=np.float32)
     if n > 0 and ann_ids.size > 0:
         gi, iu = match_boxes(
-            pb[:n], gt["boxes"], gt.get("iscrowd"), rule, iou_threshold,
-            pred_labels=_as_tensor(labels, torch.int64)[:n], pred_scores=_as_tensor(scores, torch.float32)[:n],
-            gt_labels=gt["labels"], image_size=tuple(gt["orig_size"]),
+            pb[:n],
+            gt["boxes"],
+            gt.get("iscrowd"),
+            rule,
+            iou_threshold,
+            pred_labels=_as_tensor(labels, torch.int64)[:n],
+            pred_scores=_as_tensor(scores, torch.float32)[:n],
+            gt_labels=gt["labels"],
+            image_size=tuple(gt["orig_size"]),
         )
         gt_index[:n], ious[:n] = gi, iu
     match_ann = np.where(gt_index >= 0, ann_ids[np.clip(gt_index, 0, None)] if ann_ids.size else -1, -1)
-    masks = crop_mask_targets(gt["masks"], pb, gt_index, mask_size) if (gt_index >= 0).any() else np.zeros(
-        (k, mask_size, mask_size), dtype=bool
+    masks = (
+        crop_mask_targets(gt["masks"], pb, gt_index, mask_size)
+        if (gt_index >= 0).any()
+        else np.zeros((k, mask_size, mask_size), dtype=bool)
     )
     return {
         "match_ann_id": match_ann.astype(np.int64),

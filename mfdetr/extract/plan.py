@@ -11,9 +11,9 @@ from mfdetr import __version__
 from mfdetr.cache.fingerprint import cache_fingerprint, store_name
 from mfdetr.cache.schema import SCHEMA_VERSION, ExtractOptions, auto_block, padded_sizes
 from mfdetr.cache.writer import BlockWriter, is_url
-from mfdetr.errors import MfdetrError
 from mfdetr.data.annotations import describe_degenerate
 from mfdetr.detectors.base import level_dicts
+from mfdetr.errors import MfdetrError
 from mfdetr.utils.distributed import torchrun_env
 from mfdetr.utils.fs import disk_full_error, ensure_writable_dir
 
@@ -69,8 +69,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def resolve_store_path(detector_spec: str, annotations: Path, fingerprint: str, out: str | None,
-                       cache_root: Path | str | None) -> str:
+def resolve_store_path(
+    detector_spec: str, annotations: Path, fingerprint: str, out: str | None, cache_root: Path | str | None
+) -> str:
     """The store location: ``out`` as given, else ``<cache_root>/<detector>-<dataset>-<fp12>.zarr``."""
     if out is not None and cache_root is not None:
         raise MfdetrError("give either --out or --cache-root, not both")
@@ -127,7 +128,9 @@ def make_batches(writer: BlockWriter, blocks: list[int], batch_size: int) -> lis
 def detector_for(spec: str, dataset: Any, opts: ExtractOptions, device: str):
     from mfdetr.detectors.registry import build_detector
 
-    return build_detector(spec, categories=dataset.categories, device=device, levels=opts.levels, topk=opts.topk)
+    return build_detector(
+        spec, categories=dataset.categories, device=device, levels=opts.levels, topk=opts.topk
+    )
 
 
 def _project_levels(levels: list[dict[str, Any]], opts: ExtractOptions) -> None:
@@ -142,7 +145,8 @@ def _project_levels(levels: list[dict[str, Any]], opts: ExtractOptions) -> None:
         if width is not None:
             if width > lv["channels"]:
                 raise MfdetrError(
-                    f"project.{lv['name']} = {width} exceeds the level's {lv['channels']} channels")
+                    f"project.{lv['name']} = {width} exceeds the level's {lv['channels']} channels"
+                )
             lv["source_channels"], lv["channels"] = lv["channels"], int(width)
 
 
@@ -158,8 +162,14 @@ def calibration_samples(detector: Any, dataset: Any, n: int, topk: int) -> list[
             continue
         o = detector.detect([sample.image.to(detector.device)])[0].to("cpu")
         k = min(int(o.boxes.shape[0]), int(topk))  # the boxes the sink keeps
-        out.append({"features": {name: f.float() for name, f in o.features.items()},
-                    "boxes": o.boxes[:k].float().numpy(), "n": k, "scale": tuple(o.scale)})
+        out.append(
+            {
+                "features": {name: f.float() for name, f in o.features.items()},
+                "boxes": o.boxes[:k].float().numpy(),
+                "n": k,
+                "scale": tuple(o.scale),
+            }
+        )
     return out
 
 
@@ -170,7 +180,9 @@ def label_map_attr(detector: Any) -> list[list[int]] | None:
     return None if mapping is None else sorted([int(k), int(v)] for k, v in dict(mapping).items())
 
 
-def build_meta(detector: Any, dataset: Any, images: Path, annotations: Path, opts: ExtractOptions) -> dict[str, Any]:
+def build_meta(
+    detector: Any, dataset: Any, images: Path, annotations: Path, opts: ExtractOptions
+) -> dict[str, Any]:
     """The group metadata (``mfdetr`` attribute) for this detector x dataset x options."""
     levels = level_dicts(detector.levels)
     if opts.levels is not None and [lv["name"] for lv in levels] != list(opts.levels):
@@ -183,15 +195,26 @@ def build_meta(detector: Any, dataset: Any, images: Path, annotations: Path, opt
     padded = padded_sizes(input_sizes, levels)
     options = opts.to_attrs()
     if options["block"] is None:
-        options["block"] = auto_block(levels, padded, opts.topk, int(detector.query_dim), opts.dtype,
-                                      feat_itemsize=1 if opts.quant else None)
+        options["block"] = auto_block(
+            levels,
+            padded,
+            opts.topk,
+            int(detector.query_dim),
+            opts.dtype,
+            feat_itemsize=1 if opts.quant else None,
+        )
     fp = cache_fingerprint(detector.fingerprint, dataset.fingerprint, options)
     return {
         "schema_version": SCHEMA_VERSION,
         "mfdetr_version": __version__,
         "fingerprint": fp,
-        "detector": {"spec": detector.spec, "fingerprint": detector.fingerprint, "query_dim": int(detector.query_dim),
-                     "levels": levels, "label_map": label_map_attr(detector)},
+        "detector": {
+            "spec": detector.spec,
+            "fingerprint": detector.fingerprint,
+            "query_dim": int(detector.query_dim),
+            "levels": levels,
+            "label_map": label_map_attr(detector),
+        },
         "dataset": {
             "annotations": str(Path(annotations).resolve()),
             "images": str(Path(images).resolve()),
@@ -208,8 +231,9 @@ def build_meta(detector: Any, dataset: Any, images: Path, annotations: Path, opt
 # disk budget
 
 
-def estimate_total_bytes(levels: list[dict[str, Any]], input_sizes: list[tuple[int, int]], query_dim: int,
-                         options: dict[str, Any]) -> float:
+def estimate_total_bytes(
+    levels: list[dict[str, Any]], input_sizes: list[tuple[int, int]], query_dim: int, options: dict[str, Any]
+) -> float:
     """Estimated bytes of a whole cache (``estimate_image_bytes`` summed over the images)."""
     from mfdetr.cache.schema import estimate_image_bytes
 
@@ -222,15 +246,23 @@ def _lever_candidates(levels: list[dict[str, Any]], options: dict[str, Any]) -> 
     quarter = {lv["name"]: max(1, int(lv["channels"]) // 4) for lv in levels if int(lv["channels"]) >= 64}
     plev = [{**lv, "channels": quarter.get(lv["name"], lv["channels"])} for lv in levels]
     proj = ",".join(f"{k}={v}" for k, v in quarter.items())
-    out = [("--dtype float16 --keepbits 5", {**options, "dtype": "float16", "keepbits": 5, "quant": None}, levels),
-           ("--quant int8", q8, levels)]
+    out = [
+        (
+            "--dtype float16 --keepbits 5",
+            {**options, "dtype": "float16", "keepbits": 5, "quant": None},
+            levels,
+        ),
+        ("--quant int8", q8, levels),
+    ]
     if quarter:
         out.append((f"--quant int8 --project {proj}", q8, plev))
         out.append((f"--quant int8 --quant-bits 6 --project {proj}", {**q8, "quant_bits": 6}, plev))
     return out
 
 
-def check_disk_space(path: str, meta: dict[str, Any], input_sizes: list[tuple[int, int]], force: bool) -> float:
+def check_disk_space(
+    path: str, meta: dict[str, Any], input_sizes: list[tuple[int, int]], force: bool
+) -> float:
     """Refuse (MfdetrError) an extract whose estimated size exceeds the free space of the target disk,
     naming the numbers and a storage lever that would fit; returns the estimate (bytes). Local stores
     only; ``force`` skips the refusal."""
@@ -294,8 +326,10 @@ def dataset_warnings(dataset: Any, detector: Any) -> list[str]:
         if missing:
             names = ", ".join(f"{c['name']!r} (id {c['id']})" for c in missing[:20])
             more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-            out.append(f"{len(missing)} of {len(dataset.categories)} dataset categories map to no class of "
-                       f"the detector {detector.spec}: {names}{more}. They get no boxes and no mask targets; "
-                       "map them with a label map JSON {model_label_id: dataset_category_id}, or rename them "
-                       "to the detector's class names.")
+            out.append(
+                f"{len(missing)} of {len(dataset.categories)} dataset categories map to no class of "
+                f"the detector {detector.spec}: {names}{more}. They get no boxes and no mask targets; "
+                "map them with a label map JSON {model_label_id: dataset_category_id}, or rename them "
+                "to the detector's class names."
+            )
     return out

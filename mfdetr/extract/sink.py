@@ -56,8 +56,10 @@ class Sink:
         k, d = self.k, self.d
         n = min(int(o.boxes.shape[0]), k)
         if o.queries.ndim != 2 or (n > 0 and o.queries.shape[1] != d):
-            raise MfdetrError(f"image id {image_id}: detector queries have shape {tuple(o.queries.shape)}, "
-                              f"expected [K, {d}]")
+            raise MfdetrError(
+                f"image id {image_id}: detector queries have shape {tuple(o.queries.shape)}, "
+                f"expected [K, {d}]"
+            )
         boxes = np.zeros((k, 4), np.float32)
         boxes[:n] = o.boxes[:n].float().numpy()
         scores = np.zeros(k, np.float32)
@@ -80,8 +82,10 @@ class Sink:
         sizes = []
         for name in self.levels:
             if name not in o.features:
-                raise MfdetrError(f"image id {image_id}: detector returned no level {name!r} "
-                                  f"(it returned {sorted(o.features)})")
+                raise MfdetrError(
+                    f"image id {image_id}: detector returned no level {name!r} "
+                    f"(it returned {sorted(o.features)})"
+                )
             f = o.features[name]
             sizes.append([int(f.shape[1]), int(f.shape[2])])
             if self.codec.active:  # projection / box masking / quantization (mfdetr/cache/storage.py)
@@ -95,10 +99,14 @@ class Sink:
                     if params is not None:
                         vals[f"{QPARAM_GROUP}/{name}"] = params
                     continue
-            vals[f"{FEAT_GROUP}/{name}"] = encode_float(f, self.dtype, self.keepbits, self._stats(f"level {name}"))
+            vals[f"{FEAT_GROUP}/{name}"] = encode_float(
+                f, self.dtype, self.keepbits, self._stats(f"level {name}")
+            )
         vals["feat_size"] = np.asarray(sizes, np.int32)
         if tuple(gt["orig_size"]) != tuple(int(v) for v in o.orig_size):
-            raise MfdetrError(f"image id {image_id}: detector orig_size {o.orig_size} != image {gt['orig_size']}")
+            raise MfdetrError(
+                f"image id {image_id}: detector orig_size {o.orig_size} != image {gt['orig_size']}"
+            )
         vals.update(compute_targets(boxes, labels, scores, n, gt, self.rule, self.thr, self.mask_size))
         self._n_encoded += 1
         return vals

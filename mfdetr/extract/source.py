@@ -9,7 +9,6 @@ import torch
 
 from mfdetr.errors import MfdetrError
 
-
 FATAL = "\0fatal:"
 
 

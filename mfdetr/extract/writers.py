@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from mfdetr.cache.writer import BlockWriter, create_or_open
-from mfdetr.extract.sink import Sink
 from mfdetr.errors import MfdetrError
+from mfdetr.extract.sink import Sink
 from mfdetr.utils.fs import is_disk_full
 
 
@@ -96,8 +96,16 @@ def _writer_process_main(path: str, meta: dict[str, Any], q_in: Any, q_out: Any,
             sink.handle(item)
         q_out.put(("done", sink.written, sink.busy_s, sink.f16_stats, sink.busy_cpu_s))
     except BaseException as e:
-        q_out.put(("error", type(e).__name__, str(e), traceback.format_exc(), isinstance(e, MfdetrError),
-                   getattr(e, "errno", None)))
+        q_out.put(
+            (
+                "error",
+                type(e).__name__,
+                str(e),
+                traceback.format_exc(),
+                isinstance(e, MfdetrError),
+                getattr(e, "errno", None),
+            )
+        )
 
 
 class ProcessWriter:
@@ -111,8 +119,15 @@ class ProcessWriter:
         self.block = int(meta["options"]["block"])
         self.q_out = mp.Queue()
         self.qs = [mp.Queue(maxsize=maxsize) for _ in range(n)]
-        self.procs = [mp.Process(target=_writer_process_main, args=(path, meta, q, self.q_out, os.getpid()),
-                                 name=f"mfdetr-cache-writer-{i}", daemon=True) for i, q in enumerate(self.qs)]
+        self.procs = [
+            mp.Process(
+                target=_writer_process_main,
+                args=(path, meta, q, self.q_out, os.getpid()),
+                name=f"mfdetr-cache-writer-{i}",
+                daemon=True,
+            )
+            for i, q in enumerate(self.qs)
+        ]
         for p in self.procs:
             p.start()
         self.results: list[tuple] = []
@@ -135,7 +150,9 @@ class ProcessWriter:
         for p in self.procs:
             if not p.is_alive() and p.exitcode not in (0, None):
                 self.abort()
-                raise MfdetrError(f"cache writer process {p.name} died (exit code {p.exitcode}; out of memory?)")
+                raise MfdetrError(
+                    f"cache writer process {p.name} died (exit code {p.exitcode}; out of memory?)"
+                )
 
     def put(self, item: Any) -> float:
         t0 = time.perf_counter()

@@ -19,7 +19,15 @@ from mfdetr.model.fcn_head import FCNMaskNet
 from mfdetr.model.head_base import MaskNetBase
 from mfdetr.model.mask_net import MaskNet
 
-__all__ = ["LossConfig", "MaskNetConfig", "MaskNetBase", "MaskNet", "FCNMaskNet", "build_mask_net", "count_parameters"]
+__all__ = [
+    "LossConfig",
+    "MaskNetConfig",
+    "MaskNetBase",
+    "MaskNet",
+    "FCNMaskNet",
+    "build_mask_net",
+    "count_parameters",
+]
 
 
 def build_mask_net(cfg: MaskNetConfig, levels: Sequence[LevelSpec], query_dim: int) -> MaskNetBase:

@@ -32,7 +32,11 @@ class PooledBoxAttention(nn.Module):
         super().__init__()
         self.grid = grid
         self.q_proj = nn.Linear(query_dim, dim) if query_dim else None
-        self.rel = nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim)) if objects and query_dim else None
+        self.rel = (
+            nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim))
+            if objects and query_dim
+            else None
+        )
         self.norm = nn.LayerNorm(dim)
         self.kv_norm = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
@@ -40,7 +44,9 @@ class PooledBoxAttention(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, q: Tensor | None, objects: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, q: Tensor | None, objects: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> Tensor:
         """x [R,C,S,S]; q [R,Dq]; objects: (queries [R,K,Dq], relative boxes [R,K,4], ignore [R,K])."""
         r, c, h, w = x.shape
         g = min(self.grid, h, w)
@@ -68,8 +74,15 @@ class BoxEncoder(nn.Module):
     depthwise convs are ~2.5x faster so on CPU).
     """
 
-    def __init__(self, dim: int, mode: str = "conv", layers: int = 2, scale: int = 1, query_dim: int = 0,
-                 objects: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        mode: str = "conv",
+        layers: int = 2,
+        scale: int = 1,
+        query_dim: int = 0,
+        objects: bool = False,
+    ):
         super().__init__()
         self.mode = mode
         self.scale = scale
@@ -77,10 +90,13 @@ class BoxEncoder(nn.Module):
         n = layers if mode != "none" else 0
         self.convs = nn.ModuleList(DWSepBlock(dim) for _ in range(n))
         self.attns = nn.ModuleList(
-            PooledBoxAttention(dim, query_dim=query_dim, objects=objects) for _ in range(n if mode == "attn" else 0)
+            PooledBoxAttention(dim, query_dim=query_dim, objects=objects)
+            for _ in range(n if mode == "attn" else 0)
         )
 
-    def forward(self, x: Tensor, q: Tensor | None = None, objects: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, q: Tensor | None = None, objects: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> Tensor:
         if not len(self.convs):
             return x
         x = x.contiguous(memory_format=torch.channels_last)

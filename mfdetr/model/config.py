@@ -7,7 +7,7 @@ of the network is one option here, so an ablation is one ``--set model.X=...`` a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclass
@@ -65,7 +65,7 @@ class MaskNetConfig:
 
     head: Literal["mfdetr", "fcn"] = "mfdetr"
     dim: int = 128
-    levels: Optional[list[str]] = None
+    levels: list[str] | None = None
     fuse_stride: int = 4
     image_encoder: Literal["fpn", "none"] = "fpn"
     image_encoder_depth: int = 2
@@ -103,7 +103,8 @@ class LossConfig:
     bce_weight / dice_weight: weights of the sigmoid BCE and dice terms (matched boxes only).
     iou_weight: weight of the mask-IoU regression.
     iou_loss: ``"bce"`` (cross-entropy of the IoU head's logit with the soft IoU target, minus the
-        target's entropy, i.e. a KL divergence: never saturates, 0 when exact), ``"l2"`` or ``"smooth_l1"`` (on the predicted IoU), against the IoU of the
+        target's entropy, i.e. a KL divergence: never saturates, 0 when exact), ``"l2"`` or
+        ``"smooth_l1"`` (on the predicted IoU), against the IoU of the
         thresholded predicted mask with the target crop (matched boxes) at the target resolution.
     iou_unmatched: also train the IoU head on unmatched valid boxes with target 0 (false positives
         and duplicates then get a low final score = detection score x predicted IoU).

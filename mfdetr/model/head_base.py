@@ -25,7 +25,9 @@ class MaskNetBase(nn.Module):
     query_dim: int
     mask_size: int
 
-    def _init_base(self, cfg: MaskNetConfig, levels: Sequence[LevelSpec], query_dim: int, fine_dim: int | None = None) -> None:
+    def _init_base(
+        self, cfg: MaskNetConfig, levels: Sequence[LevelSpec], query_dim: int, fine_dim: int | None = None
+    ) -> None:
         self.cfg = cfg
         self.all_levels = list(levels)
         self.query_dim = int(query_dim)
@@ -66,9 +68,13 @@ class MaskNetBase(nn.Module):
                 )
         d = int(batch["queries"].shape[-1])
         if d != self.query_dim:
-            raise MfdetrError(f"the batch's queries have width {d} but the mask network was built for {self.query_dim}")
+            raise MfdetrError(
+                f"the batch's queries have width {d} but the mask network was built for {self.query_dim}"
+            )
 
-    def features_and_rois(self, batch: dict[str, Any], select: Tensor | None) -> tuple[list[Tensor], list[int], Tensor, Tensor]:
+    def features_and_rois(
+        self, batch: dict[str, Any], select: Tensor | None
+    ) -> tuple[list[Tensor], list[int], Tensor, Tensor]:
         """Run the image encoder; (maps, strides, rows [R,2], rois [R,5] in the input frame)."""
         self.check_batch(batch)
         sel = batch["valid"] if select is None else select.to(torch.bool)
@@ -89,7 +95,12 @@ class MaskNetBase(nn.Module):
         maps = [m.to(dtype) for m in maps]
         return multilevel_roi_align(
             # rois stay float32: bf16 box corners near 1000 px are off by 4-8 px
-            maps, rois.float(), [1.0 / s for s in strides], size, sampling_ratio=self.cfg.sampling_ratio, aligned=True
+            maps,
+            rois.float(),
+            [1.0 / s for s in strides],
+            size,
+            sampling_ratio=self.cfg.sampling_ratio,
+            aligned=True,
         )
 
 
@@ -111,7 +122,9 @@ def finish_output(logits: Tensor, iou_logit: Tensor | None, rows: Tensor, upsamp
     """The forward contract: ``mask_logits`` [R,M,M] float32, ``iou_pred`` [R] in [0,1] (1 without an
     IoU head), ``rows`` [R,2]; plus ``iou_logit`` [R] (what the IoU loss trains) when there is a head."""
     if upsample > 1:
-        logits = F.interpolate(logits.unsqueeze(1), scale_factor=upsample, mode="bilinear", align_corners=False).squeeze(1)
+        logits = F.interpolate(
+            logits.unsqueeze(1), scale_factor=upsample, mode="bilinear", align_corners=False
+        ).squeeze(1)
     out = {"mask_logits": logits.float(), "rows": rows}
     if iou_logit is None:
         out["iou_pred"] = torch.ones(rows.shape[0], device=logits.device)

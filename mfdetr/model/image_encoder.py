@@ -120,7 +120,9 @@ class ChannelMapper(nn.Module):
 
     def __init__(self, levels: Sequence[LevelSpec], dims: Sequence[int]):
         super().__init__()
-        self.maps = nn.ModuleList(nn.Sequential(Pointwise(lv.channels, d), group_norm(d)) for lv, d in zip(levels, dims))
+        self.maps = nn.ModuleList(
+            nn.Sequential(Pointwise(lv.channels, d), group_norm(d)) for lv, d in zip(levels, dims)
+        )
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
         return [m(f) for m, f in zip(self.maps, feats)]
@@ -135,7 +137,13 @@ class CoarseAttention(nn.Module):
         nn.init.normal_(self.level_embed, std=0.02)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                dim, heads, dim_feedforward=2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+                dim,
+                heads,
+                dim_feedforward=2 * dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
             )
             for _ in range(layers)
         )

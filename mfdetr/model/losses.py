@@ -71,7 +71,9 @@ def resize_logits(logits: Tensor, size: int) -> Tensor:
     """[R,M,M] -> [R,size,size] bilinear with the box-frame convention (align_corners=False)."""
     if logits.shape[-1] == size and logits.shape[-2] == size:
         return logits
-    return F.interpolate(logits.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+    return F.interpolate(
+        logits.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False
+    ).squeeze(1)
 
 
 @torch.no_grad()
@@ -89,8 +91,13 @@ def boundary_points(targets: Tensor, n: int, generator: torch.Generator | None =
 
 
 @torch.no_grad()
-def overlap_points(batch: dict[str, Any], rows: Tensor, n: int, oversample: float = 3.0,
-                   generator: torch.Generator | None = None) -> Tensor:
+def overlap_points(
+    batch: dict[str, Any],
+    rows: Tensor,
+    n: int,
+    oversample: float = 3.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """[R,n,2] points (box frame of each row ``rows`` [R,2]) where another instance lies in the box.
 
     The other instance: the box of a different matched annotation of the same image with the largest
@@ -129,7 +136,10 @@ def overlap_points(batch: dict[str, Any], rows: Tensor, n: int, oversample: floa
 
 
 def mask_loss(
-    logits: Tensor, targets: Tensor, cfg: LossConfig, generator: torch.Generator | None = None,
+    logits: Tensor,
+    targets: Tensor,
+    cfg: LossConfig,
+    generator: torch.Generator | None = None,
     extra: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean BCE and dice over the masks: logits [R,M,M] vs bool/float targets [R,Mt,Mt].
@@ -145,7 +155,9 @@ def mask_loss(
         pl = resize_logits(logits, t.shape[-1]).flatten(1)
         bce, dice = sigmoid_bce_dice(pl, t.flatten(1))
     else:
-        coords = uncertain_points(logits, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio, generator)
+        coords = uncertain_points(
+            logits, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio, generator
+        )
         more = [] if extra is None else [extra.to(coords.dtype)]
         if cfg.boundary_points > 0:
             more.append(boundary_points(targets, cfg.boundary_points, generator))

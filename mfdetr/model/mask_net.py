@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mfdetr.detectors.base import LevelSpec
@@ -50,8 +49,14 @@ class MaskNet(MaskNetBase):
         # projecting every box after pooling, at a fraction of the cost
         self.box_proj = Pointwise(d, bd, bias=False) if bd != d and d in self.image_encoder.dims else None
         self.query_encoder = QueryEncoder(query_dim, d, cfg.object_attn_layers, cfg.query_fusion, box_dim=bd)
-        self.box_encoder = BoxEncoder(bd, cfg.box_encoder, cfg.box_encoder_layers, cfg.box_encoder_scale, query_dim=d,
-                                      objects=cfg.box_object_attn)
+        self.box_encoder = BoxEncoder(
+            bd,
+            cfg.box_encoder,
+            cfg.box_encoder_layers,
+            cfg.box_encoder_scale,
+            query_dim=d,
+            objects=cfg.box_object_attn,
+        )
         if cfg.mask_predictor == "dot":
             self.predictor: nn.Module = DotMaskPredictor(bd, d)
         else:
@@ -74,7 +79,9 @@ class MaskNet(MaskNetBase):
             x = self.query_encoder.fuse(x, q)
             objects = self._objects(batch, r, q_all) if self.box_encoder.objects else None
             x = self.box_encoder(x, q, objects)
-            logits = self.predictor(x, q) if self.cfg.mask_predictor == "dot" else self.predictor(x).squeeze(1)
+            logits = (
+                self.predictor(x, q) if self.cfg.mask_predictor == "dot" else self.predictor(x).squeeze(1)
+            )
             if self.prior is not None:
                 logits = logits + self.prior(q, logits.shape[-1]).to(logits.dtype)
             return logits, (self.iou_head(x, logits, q) if self.iou_head is not None else None)
@@ -97,6 +104,13 @@ def relative_boxes(own: Tensor, others: Tensor) -> Tensor:
     x1, y1, x2, y2 = own.unbind(-1)
     w = (x2 - x1).clamp(min=1e-3)[:, None]
     h = (y2 - y1).clamp(min=1e-3)[:, None]
-    rel = torch.stack([(others[..., 0] - x1[:, None]) / w, (others[..., 1] - y1[:, None]) / h,
-                       (others[..., 2] - x1[:, None]) / w, (others[..., 3] - y1[:, None]) / h], dim=-1)
+    rel = torch.stack(
+        [
+            (others[..., 0] - x1[:, None]) / w,
+            (others[..., 1] - y1[:, None]) / h,
+            (others[..., 2] - x1[:, None]) / w,
+            (others[..., 3] - y1[:, None]) / h,
+        ],
+        dim=-1,
+    )
     return rel.clamp(-4.0, 5.0)

@@ -50,7 +50,13 @@ class QueryEncoder(nn.Module):
         self.project = MLP(query_dim, dim, dim)
         self.object_attn = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                dim, heads, dim_feedforward=2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+                dim,
+                heads,
+                dim_feedforward=2 * dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
             )
             for _ in range(object_attn_layers)
         )

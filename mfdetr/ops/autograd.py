@@ -19,7 +19,6 @@ from mfdetr.ops import parallel, taps
 from mfdetr.ops.gather import cell_range, flatten_into, gather_rows, row_chunks, transposed_gather
 from mfdetr.ops.taps import LevelShape
 
-
 # ----------------------------------------------------------------------------------------------------
 # the taps of a call
 
@@ -63,7 +62,11 @@ class FusedRoIAlign(torch.autograd.Function):
         n_rows = sum(b * h * w for b, h, w in shapes)
         ws = parallel.take_workspace(n_rows * C, ct, dev)
         try:
-            buf = ws[: n_rows * C].view(n_rows, C) if ws is not None else torch.empty((n_rows, C), dtype=ct, device=dev)
+            buf = (
+                ws[: n_rows * C].view(n_rows, C)
+                if ws is not None
+                else torch.empty((n_rows, C), dtype=ct, device=dev)
+            )
             flatten_into(buf, features, workers)
             idx, w, offsets = build(plan, shapes, workers)
             rows = gather_rows(buf, idx, w, offsets, workers)
@@ -160,7 +163,9 @@ class WeightedGather(torch.autograd.Function):
         def write(j: int, rows: Tensor) -> None:
             gbuf[ranges[j][0] : ranges[j][1]].copy_(rows)
 
-        transposed_gather(grad_rows.contiguous(), idx, w, offsets, n_rows, ranges, write, parallel.n_workers(dev))
+        transposed_gather(
+            grad_rows.contiguous(), idx, w, offsets, n_rows, ranges, write, parallel.n_workers(dev)
+        )
         return gbuf, None, None, None
 
 

@@ -18,7 +18,6 @@ from torch import Tensor
 from mfdetr.ops import parallel
 from mfdetr.ops.taps import LevelShape
 
-
 # ----------------------------------------------------------------------------------------------------
 # chunks of the buffer (level, images b0:b1, rows y0:y1), each at most CHUNK_BYTES of rows
 
@@ -37,7 +36,9 @@ def row_chunks(shapes: Sequence[LevelShape], C: int, elem: int, device: torch.de
             out += [(lvl, row0, b0, min(b0 + k, B), 0, H) for b0 in range(0, B, k)]
         else:
             band = max(1, limit // (W * C * elem))
-            out += [(lvl, row0, b, b + 1, y0, min(y0 + band, H)) for b in range(B) for y0 in range(0, H, band)]
+            out += [
+                (lvl, row0, b, b + 1, y0, min(y0 + band, H)) for b in range(B) for y0 in range(0, H, band)
+            ]
         row0 += B * H * W
     return out
 
@@ -62,7 +63,9 @@ def flatten_into(buf: Tensor, features: Sequence[Tensor], workers: int) -> None:
         nb, h = b1 - b0, y1 - y0
         dst = buf[c0:c1]
         if src.stride(3) == 1 and (h == 1 or src.stride(2) == W):  # NCHW rows: batched 2-D transpose
-            dst.view(nb, h * W, C).copy_(src.as_strided((nb, C, h * W), (src.stride(0), src.stride(1), 1)).transpose(1, 2))
+            dst.view(nb, h * W, C).copy_(
+                src.as_strided((nb, C, h * W), (src.stride(0), src.stride(1), 1)).transpose(1, 2)
+            )
         else:  # channels-last (a plain copy) or other strides
             dst.view(nb, h, W, C).copy_(src.permute(0, 2, 3, 1))
 
@@ -108,7 +111,11 @@ class _Transposed:
 
     def gather(self, grad_rows: Tensor, c0: int, c1: int, t0: int, t1: int) -> Tensor:
         return F.embedding_bag(
-            self.bag[t0:t1], grad_rows, (self.toff[c0:c1] - t0).to(torch.int32), mode="sum", per_sample_weights=self.w[t0:t1]
+            self.bag[t0:t1],
+            grad_rows,
+            (self.toff[c0:c1] - t0).to(torch.int32),
+            mode="sum",
+            per_sample_weights=self.w[t0:t1],
         )
 
 
@@ -135,7 +142,9 @@ def transposed_gather(
     tcut = torch.cat([offsets.to(torch.int64), offsets.new_tensor([T], dtype=torch.int64)])[cut].tolist()
     parts = parallel.run_tasks(
         [
-            lambda i=i: _Transposed(idx, w, offsets[cut[i] : cut[i + 1]], cut[i], tcut[i], tcut[i + 1], n_rows)
+            lambda i=i: _Transposed(
+                idx, w, offsets[cut[i] : cut[i + 1]], cut[i], tcut[i], tcut[i + 1], n_rows
+            )
             for i in range(len(cut) - 1)
         ],
         workers,

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from mfdetr.errors import MfdetrError
 from mfdetr.ops import parallel, taps
-from mfdetr.ops.autograd import build, FlattenLevels, FusedRoIAlign, WeightedGather
+from mfdetr.ops.autograd import FlattenLevels, FusedRoIAlign, WeightedGather, build
 from mfdetr.ops.parallel import release_workspace
 from mfdetr.ops.taps import LevelShape
 
@@ -169,8 +169,16 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     return name
 
 
-def _torchvision_sum(features: Sequence[Tensor], r: Tensor, scales: Sequence[float], out_hw: tuple[int, int],
-                     sampling_ratio: int, aligned: bool, per_level: bool, ct: torch.dtype) -> Tensor:
+def _torchvision_sum(
+    features: Sequence[Tensor],
+    r: Tensor,
+    scales: Sequence[float],
+    out_hw: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    per_level: bool,
+    ct: torch.dtype,
+) -> Tensor:
     """The ``torchvision`` backend: torchvision's kernel per level in the compute dtype, summed
     (differentiable through ``.to(ct)``: bf16/fp16 levels get their gradients in their own dtype)."""
     from torchvision.ops import roi_align as tv_roi_align
@@ -205,11 +213,15 @@ def _split_rois(fn: Callable[[Tensor], Tensor], rois: Tensor) -> Tensor:
     except taps.TooManyTaps:
         R = rois.shape[0]
         if R < 2:
-            raise ValueError("one roi needs more than 2**31 taps (a huge box with adaptive sampling?)") from None
+            raise ValueError(
+                "one roi needs more than 2**31 taps (a huge box with adaptive sampling?)"
+            ) from None
         return torch.cat([_split_rois(fn, rois[: R // 2]), _split_rois(fn, rois[R // 2 :])], dim=0)
 
 
-def flatten_levels(features: Sequence[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, list[LevelShape]]:
+def flatten_levels(
+    features: Sequence[Tensor], dtype: torch.dtype | None = None
+) -> tuple[Tensor, list[LevelShape]]:
     """Copy per-level maps ``[B,C,H_l,W_l]`` into one channels-last buffer ``[sum_l B*H_l*W_l, C]``.
 
     Row of (level l, image b, y, x) = ``sum_{l'<l} B*H_l'*W_l' + (b*H_l + y)*W_l + x``. Differentiable.
@@ -252,8 +264,15 @@ def multilevel_roi_align_flat(
     workers = parallel.n_workers(buffer.device)
 
     def run(r: Tensor) -> Tensor:
-        plan = dict(rois=r, scales=list(spatial_scales), out_hw=out_hw, sampling_ratio=int(sampling_ratio),
-                    aligned=bool(aligned), per_level=per_level, ct=ct)
+        plan = dict(
+            rois=r,
+            scales=list(spatial_scales),
+            out_hw=out_hw,
+            sampling_ratio=int(sampling_ratio),
+            aligned=bool(aligned),
+            per_level=per_level,
+            ct=ct,
+        )
         idx, w, offsets = build(plan, shapes, workers)
         rows = WeightedGather.apply(buffer, idx, w, offsets)
         return _shape_rows(rows, r.shape[0], len(shapes), out_hw, per_level)
@@ -290,13 +309,21 @@ def multilevel_roi_align(
     r_all = _as_rois(rois, ct, features[0].device)
     L = len(features)
     if resolve_backend(backend, features[0].device) == "torchvision":
-        out = _torchvision_sum(features, r_all, spatial_scales, out_hw, int(sampling_ratio), bool(aligned),
-                               per_level, ct)
+        out = _torchvision_sum(
+            features, r_all, spatial_scales, out_hw, int(sampling_ratio), bool(aligned), per_level, ct
+        )
         return out if out.dtype == dtype else out.to(dtype)
 
     def run(r: Tensor) -> Tensor:
-        plan = dict(rois=r, scales=list(spatial_scales), out_hw=out_hw, sampling_ratio=int(sampling_ratio),
-                    aligned=bool(aligned), per_level=per_level, ct=ct)
+        plan = dict(
+            rois=r,
+            scales=list(spatial_scales),
+            out_hw=out_hw,
+            sampling_ratio=int(sampling_ratio),
+            aligned=bool(aligned),
+            per_level=per_level,
+            ct=ct,
+        )
         rows = FusedRoIAlign.apply(plan, *features)
         return _shape_rows(rows, r.shape[0], L, out_hw, per_level)
 

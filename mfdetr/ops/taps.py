@@ -189,6 +189,8 @@ def build_taps(
             Ky, Kx = divmod(u, kxs)
             step = max(1, BLOCK // (P * Ky * Kx))
             for c0 in range(0, c, step):
-                tasks.append(block(rowb, wy, xi, wx, a_rl[:, lvl], s_rl[:, lvl], sel_all[c0 : c0 + step], Ky, Kx))
+                tasks.append(
+                    block(rowb, wy, xi, wx, a_rl[:, lvl], s_rl[:, lvl], sel_all[c0 : c0 + step], Ky, Kx)
+                )
     run(tasks)
     return idx, w, offsets

@@ -9,15 +9,13 @@ int8 codes, BitRound; lossless codecs barely shrink float activations, so none i
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from mfdetr.cache.schema import FEAT_GROUP, estimate_image_bytes
-from mfdetr.pipeline.config import PipelineConfig
 from mfdetr.detectors.base import level_dicts
 from mfdetr.errors import MfdetrError
-
+from mfdetr.pipeline.config import PipelineConfig
 
 
 def _sizes(ann: Path) -> list[tuple[int, int]]:
@@ -38,12 +36,16 @@ def estimate_split(detector: Any, sizes: list[tuple[int, int]], cfg: PipelineCon
     opts = cfg.extract
     options = opts.to_attrs()
     widths = opts.project or {}
-    levels = [{"name": lv.name, "stride": lv.stride, "channels": int(widths.get(lv.name, lv.channels))}
-              for lv in detector.levels]
+    levels = [
+        {"name": lv.name, "stride": lv.stride, "channels": int(widths.get(lv.name, lv.channels))}
+        for lv in detector.levels
+    ]
     per_level = {lv["name"]: 0.0 for lv in levels}
     total = 0.0
     for h0, w0 in sizes:
-        est = estimate_image_bytes(levels, tuple(detector.input_size((h0, w0))), int(detector.query_dim), options)
+        est = estimate_image_bytes(
+            levels, tuple(detector.input_size((h0, w0))), int(detector.query_dim), options
+        )
         total += est["total"]
         for lv in levels:
             per_level[lv["name"]] += est[f"{FEAT_GROUP}/{lv['name']}"]
@@ -73,15 +75,22 @@ def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
     ann_val = splits["val"][1]
     categories = json.loads(ann_val.read_text()).get("categories") if ann_val.is_file() else None
     det = build_detector(
-        cfg.detector.spec, categories=categories, device="cpu", levels=cfg.extract.levels,
-        topk=cfg.extract.topk, label_map=cfg.detector.label_map,
+        cfg.detector.spec,
+        categories=categories,
+        device="cpu",
+        levels=cfg.extract.levels,
+        topk=cfg.extract.topk,
+        label_map=cfg.detector.label_map,
     )
     report: dict[str, Any] = {
         "detector": cfg.detector.spec,
         "levels": level_dicts(det.levels),
         "query_dim": det.query_dim,
-        "storage": {k: v for k, v in cfg.extract.to_attrs().items()
-                    if k in ("dtype", "codec", "keepbits", "quant", "quant_bits", "project", "box_mask", "box_margin")},
+        "storage": {
+            k: v
+            for k, v in cfg.extract.to_attrs().items()
+            if k in ("dtype", "codec", "keepbits", "quant", "quant_bits", "project", "box_mask", "box_margin")
+        },
         "splits": {},
     }
     for split, (_, ann) in splits.items():
@@ -112,12 +121,18 @@ def format_budget(r: dict[str, Any]) -> str:
         f"{'split':<8}{'images':>9}{'MB/image':>11}{'GB total':>11}  (estimated stored size, from the cache schema)",
     ]
     for split, s in r["splits"].items():
-        lines.append(f"{split:<8}{s['images']:>9}{s['bytes_per_image'] / 1e6:>11.3f}{s['bytes_total'] / 1e9:>11.3f}")
+        lines.append(
+            f"{split:<8}{s['images']:>9}{s['bytes_per_image'] / 1e6:>11.3f}{s['bytes_total'] / 1e9:>11.3f}"
+        )
     if not r["splits"]:
         lines.append("(no annotation file yet: the data stage makes it)")
     d = r.get("disk")
     if d and d["free"] is not None and r["splits"]:
-        verdict = "fits" if d["need"] <= d["free"] else "does NOT fit: extract would refuse (--force to go anyway)"
-        lines.append(f"cache root {d['root']}: {d['free'] / 1e9:.1f} GB free, caches estimated at "
-                     f"{d['need'] / 1e9:.3f} GB: {verdict}")
+        verdict = (
+            "fits" if d["need"] <= d["free"] else "does NOT fit: extract would refuse (--force to go anyway)"
+        )
+        lines.append(
+            f"cache root {d['root']}: {d['free'] / 1e9:.1f} GB free, caches estimated at "
+            f"{d['need'] / 1e9:.3f} GB: {verdict}"
+        )
     return "\n".join(lines)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from mfdetr.cache.schema import ExtractOptions
-from mfdetr.train.config import TrainConfig
 from mfdetr.errors import MfdetrError
-from mfdetr.utils.config import apply_overrides, from_dict, load_toml
 from mfdetr.evaluate.config import EvalConfig
+from mfdetr.train.config import TrainConfig
+from mfdetr.utils.config import apply_overrides, from_dict, load_toml_with_base
 
 
 @dataclass
@@ -85,35 +85,9 @@ class PipelineConfig:
         return Path(self.out) if self.out else Path("runs") / self.name
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_pipeline_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The pipeline file as a dict, with ``base = "other.toml"`` (relative to the file) merged under it.
-
-    ``name`` is never inherited: it defaults to the file's stem, so an ablation that only changes the
-    mask network gets its own output folder while sharing the base's caches.
-    """
-    path = Path(path).resolve()
-    if path in _seen:
-        raise MfdetrError(f"pipeline files include each other in a loop: {[str(p) for p in _seen]}")
-    data = load_toml(path)
-    name = data.get("name", path.stem)
-    base = data.pop("base", None)
-    if base is not None:
-        data = _merge({k: v for k, v in read_pipeline_dict(path.parent / base, _seen + (path,)).items()
-                       if k != "name"}, data)
-    data["name"] = name
-    return data
-
-
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a pipeline TOML (with its ``base``), apply ``key=value`` overrides, build the typed config."""
-    data = apply_overrides(read_pipeline_dict(path), overrides or [])
+    data = apply_overrides(load_toml_with_base(path), overrides or [])
     cfg = from_dict(PipelineConfig, data)
     cfg.extract.validate()
     return cfg

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mfdetr.pipeline.config import PipelineConfig
 from mfdetr.errors import MfdetrError
+from mfdetr.pipeline.config import PipelineConfig
 from mfdetr.utils.config import to_dict
 from mfdetr.utils.hashing import sha256_json
 
@@ -87,7 +87,9 @@ def stage_data(cfg: PipelineConfig) -> StageRecord:
     from mfdetr.data.synth import make_synth
 
     _log(f"data: writing synthetic shapes to {cfg.data.root}")
-    make_synth(Path(cfg.data.root), train=cfg.data.train, val=cfg.data.val, size=cfg.data.size, seed=cfg.data.seed)
+    make_synth(
+        Path(cfg.data.root), train=cfg.data.train, val=cfg.data.val, size=cfg.data.size, seed=cfg.data.seed
+    )
     return StageRecord("data", time.perf_counter() - t0, True, info)
 
 
@@ -103,8 +105,12 @@ def stage_extract(cfg: PipelineConfig, split: str) -> tuple[StageRecord, Any]:
 
         categories = json.loads(ann.read_text()).get("categories")
         detector = build_detector(
-            cfg.detector.spec, categories=categories, device=cfg.detector.device,
-            levels=cfg.extract.levels, topk=cfg.extract.topk, label_map=cfg.detector.label_map,
+            cfg.detector.spec,
+            categories=categories,
+            device=cfg.detector.device,
+            levels=cfg.extract.levels,
+            topk=cfg.extract.topk,
+            label_map=cfg.detector.label_map,
         )
     res = extract(
         detector,
@@ -120,7 +126,9 @@ def stage_extract(cfg: PipelineConfig, split: str) -> tuple[StageRecord, Any]:
     return StageRecord(f"extract-{split}", time.perf_counter() - t0, not res.reused, detail), res
 
 
-def stage_train(cfg: PipelineConfig, state: _State, train_cache: str, val_cache: str, fps: dict) -> StageRecord:
+def stage_train(
+    cfg: PipelineConfig, state: _State, train_cache: str, val_cache: str, fps: dict
+) -> StageRecord:
     """Train the mask network from the train cache (resume an unfinished run of the same key)."""
     from mfdetr.train.loop import train_from_cache
 
@@ -148,7 +156,9 @@ def stage_evaluate(cfg: PipelineConfig, state: _State, val_cache: str, ann: Path
 
     out = cfg.out_dir / "eval"
     ckpt = cfg.out_dir / "train" / "checkpoints" / "last.pt"
-    key = sha256_json({"train": state.get("train").get("key"), "eval": to_dict(cfg.evaluate), "val": val_cache})
+    key = sha256_json(
+        {"train": state.get("train").get("key"), "eval": to_dict(cfg.evaluate), "val": val_cache}
+    )
     state.check_key("evaluate", key, out)
     summary_path = out / "summary.json"
     if state.get("evaluate").get("done") and summary_path.is_file():
@@ -210,7 +220,9 @@ def build_summary(cfg, records, summary, train_res, val_res, total_s) -> dict[st
         "val_miou": miou if isinstance(miou, float) and miou == miou else None,
         "segm": segm,
         "bbox": bbox,
-        "stages": [{"name": r.name, "seconds": round(r.seconds, 2), "ran": r.ran, **r.detail} for r in records],
+        "stages": [
+            {"name": r.name, "seconds": round(r.seconds, 2), "ran": r.ran, **r.detail} for r in records
+        ],
         "total_seconds": round(total_s, 2),
         "cache_bytes": {"train": _cache_bytes(str(train_res.path)), "val": _cache_bytes(str(val_res.path))},
         "out": str(cfg.out_dir),
@@ -219,6 +231,7 @@ def build_summary(cfg, records, summary, train_res, val_res, total_s) -> dict[st
 
 def format_summary(s: dict[str, Any]) -> str:
     """The table ``mfdetr run`` prints at the end."""
+
     def ap(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 

@@ -133,11 +133,12 @@ def build_train_config(
 ) -> TrainConfig:
     """TrainConfig = defaults <- TOML file (top level, or its ``[train]`` table) <- ``--set`` <- options
     (``explicit``; None values are left out), validated."""
-    from mfdetr.utils.config import apply_overrides, from_dict, load_toml
+    from mfdetr.utils.config import apply_overrides, from_dict, load_toml_with_base
 
     data: dict[str, Any] = {}
     if config is not None:
-        data = load_toml(config)
+        data = load_toml_with_base(config)  # an ablation inherits its base file's [train] too
+        data.pop("name", None)  # the experiment's name, not a training setting
         if isinstance(data.get("train"), dict):  # a pipeline TOML: take its [train] table
             data = data["train"]
     data = apply_overrides(data, list(sets or []))

@@ -32,6 +32,38 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise MfdetrError(f"{path}: invalid TOML: {e}") from e
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_toml_with_base(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML file (a pipeline) as a dict, with ``base = "other.toml"`` (relative to the file) merged under it.
+
+    ``name`` is never inherited: it defaults to the file's stem, so an ablation that only changes the
+    mask network gets its own output folder while sharing the base's caches.
+    """
+    path = Path(path).resolve()
+    if path in _seen:
+        raise MfdetrError(f"config files include each other in a loop: {[str(p) for p in _seen]}")
+    data = load_toml(path)
+    name = data.get("name", path.stem)
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(
+            {
+                k: v
+                for k, v in load_toml_with_base(path.parent / base, _seen + (path,)).items()
+                if k != "name"
+            },
+            data,
+        )
+    data["name"] = name
+    return data
+
+
 def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]

@@ -8,8 +8,9 @@ from mfdetr.errors import MfdetrError
 from mfdetr.utils.distributed import torchrun_env
 
 
-def resolve_device(name: str | torch.device | None, local_rank: int | None = None, what: str = "--device"
-                   ) -> torch.device:
+def resolve_device(
+    name: str | torch.device | None, local_rank: int | None = None, what: str = "--device"
+) -> torch.device:
     """``auto`` (or empty): ``cuda:local_rank`` when CUDA is available, else CPU; explicit names are checked.
 
     ``cuda`` without an index becomes ``cuda:local_rank`` (torchrun's ``LOCAL_RANK`` by default). Raises
@@ -22,8 +23,9 @@ def resolve_device(name: str | torch.device | None, local_rank: int | None = Non
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError) as e:
-        raise MfdetrError(f"{what} {text!r} is not a torch device ({e}); use cpu, cuda, cuda:N or auto"
-                          ) from None
+        raise MfdetrError(
+            f"{what} {text!r} is not a torch device ({e}); use cpu, cuda, cuda:N or auto"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"

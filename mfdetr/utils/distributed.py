@@ -57,8 +57,10 @@ def _env_int(environ: Mapping[str, str], name: str, default: int, minimum: int) 
     except ValueError:
         value = minimum - 1
     if value < minimum:
-        raise MfdetrError(f"environment variable {name}={raw!r} is not an integer >= {minimum}; "
-                          "unset it, or launch with torchrun")
+        raise MfdetrError(
+            f"environment variable {name}={raw!r} is not an integer >= {minimum}; "
+            "unset it, or launch with torchrun"
+        )
     return value
 
 

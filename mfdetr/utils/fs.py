@@ -28,8 +28,9 @@ def _is_url(path: str | os.PathLike[str]) -> bool:
     return "://" in str(path)
 
 
-def ensure_writable_dir(path: str | os.PathLike[str], what: str = "--out", create: bool = True
-                        ) -> Path | None:
+def ensure_writable_dir(
+    path: str | os.PathLike[str], what: str = "--out", create: bool = True
+) -> Path | None:
     """Check that files can be written in directory ``path`` (``what`` names it in errors, e.g. ``--out``).
 
     Raises ``MfdetrError`` when a component of the path is a regular file, or the directory (or its nearest
@@ -88,8 +89,9 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_full_error(path: str | os.PathLike[str], needed_bytes: int | None, what: str = "writing"
-                    ) -> MfdetrError:
+def disk_full_error(
+    path: str | os.PathLike[str], needed_bytes: int | None, what: str = "writing"
+) -> MfdetrError:
     """The one-line error for a full disk while ``what`` into ``path``: the bytes still needed and free."""
     free = free_bytes(path) if not _is_url(path) else None
     need = "more space is needed" if needed_bytes is None else f"about {_size(needed_bytes)} more is needed"

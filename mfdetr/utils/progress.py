@@ -23,5 +23,14 @@ def progress_bar(
     from tqdm import tqdm
 
     # disable=None is tqdm's "off when the stream is not a TTY"
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True,
-                disable=None if enabled else True, **kwargs)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        leave=leave,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None if enabled else True,
+        **kwargs,
+    )
