@@ -357,9 +357,7 @@ def main() -> None:
         detd, descd = dino_detector(cats, workdir=work)
         imagesd, annd = synth_data(work / f"synth800_{args.dino_images}", args.dino_images, size=800, seed=13)
         rows += run_detector("DINO-style R50 800x1333", detd, imagesd, annd, work, options)
-        print(
-            f"DINO-style detector: {descd}; levels {[(v.name, v.stride, v.channels) for v in detd.levels]}"
-        )
+        print(f"DINO-style detector: {descd}; levels {[(v.name, v.stride, v.channels) for v in detd.levels]}")
     print()
     print(HEADER)
     print("\n".join(_fmt(r) for r in rows))

@@ -55,7 +55,9 @@ def _save_random_hf(folder: Path, config, size: int) -> None:
     t.RTDetrImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
 
 
-def shapes_detector(categories, topk: int = 100, levels=None, workdir: Path | None = None, spec: str | None = None):
+def shapes_detector(
+    categories, topk: int = 100, levels=None, workdir: Path | None = None, spec: str | None = None
+):
     """(detector, description): ``spec`` when given (any detector spec, e.g. hf:FOLDER), else the shipped
     shapes detector, else its architecture with random weights."""
     from mfdetr.detectors.registry import build_detector, shapes_available
@@ -63,7 +65,9 @@ def shapes_detector(categories, topk: int = 100, levels=None, workdir: Path | No
     if spec:
         return build_detector(spec, categories=categories, topk=topk, levels=levels), spec
     if shapes_available():
-        return build_detector("shapes", categories=categories, topk=topk, levels=levels), "shapes (shipped weights)"
+        return build_detector(
+            "shapes", categories=categories, topk=topk, levels=levels
+        ), "shapes (shipped weights)"
     sys.path.insert(0, str(REPO / "tools"))
     from train_shapes_detector import build_config  # the shipped architecture
 
@@ -85,8 +89,14 @@ def r50_detector(categories, topk: int = 100, levels=None, workdir: Path | None 
     id2label = {i: c["name"] for i, c in enumerate(categories)}
     folder = Path(workdir or tempfile.mkdtemp()) / "rtdetr_r50_random"
     if not (folder / "config.json").exists():
-        cfg = t.RTDetrConfig(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
-                             use_pretrained_backbone=False, use_timm_backbone=False, num_denoising=0)
+        cfg = t.RTDetrConfig(
+            num_labels=len(id2label),
+            id2label=id2label,
+            label2id={v: k for k, v in id2label.items()},
+            use_pretrained_backbone=False,
+            use_timm_backbone=False,
+            num_denoising=0,
+        )
         _save_random_hf(folder, cfg, 640)
     det = build_detector(f"hf:{folder}", categories=categories, topk=topk, levels=levels)
     return det, "RT-DETR R50 (random init), 640x640"
@@ -132,13 +142,22 @@ def forward_alone(det, images: list[torch.Tensor], batch_size: int) -> tuple[flo
     """(wall s, CPU s) of the detector alone over in-memory images."""
     t0, c0 = time.perf_counter(), cpu_seconds()
     for s in range(0, len(images), batch_size):
-        outs = det.detect(images[s:s + batch_size])
+        outs = det.detect(images[s : s + batch_size])
         [o.to("cpu") for o in outs]
     return time.perf_counter() - t0, cpu_seconds() - c0
 
 
-def measure(det, images_dir: Path, ann: Path, out: Path, batch_size: int, workers: int, rounds: int = 3,
-            opts=None, writers: int = 1) -> dict:
+def measure(
+    det,
+    images_dir: Path,
+    ann: Path,
+    out: Path,
+    batch_size: int,
+    workers: int,
+    rounds: int = 3,
+    opts=None,
+    writers: int = 1,
+) -> dict:
     """Interleaved rounds of (forward alone, extract); the machine is shared, so the min of each is
     the least disturbed measurement (medians are reported too)."""
     from mfdetr.data.coco import CocoDataset
@@ -154,16 +173,32 @@ def measure(det, images_dir: Path, ann: Path, out: Path, batch_size: int, worker
         fcpu.append(c)
         shutil.rmtree(out, ignore_errors=True)
         t0, c0 = time.perf_counter(), cpu_seconds()
-        res = extract(det, images_dir, ann, out=str(out), opts=opts or ExtractOptions(), batch_size=batch_size,
-                      workers=workers, writers=writers, progress=False)
+        res = extract(
+            det,
+            images_dir,
+            ann,
+            out=str(out),
+            opts=opts or ExtractOptions(),
+            batch_size=batch_size,
+            workers=workers,
+            writers=writers,
+            progress=False,
+        )
         ext.append(time.perf_counter() - t0)
         ecpu.append(cpu_seconds() - c0)
         timings.append(res.timings)
     best = timings[min(range(rounds), key=lambda i: ext[i])]
-    return {"n": len(imgs), "forward": fwd, "extract": ext, "timings": best, "forward_cpu": fcpu, "extract_cpu": ecpu,
-            "overhead_min": min(ext) / min(fwd) - 1,
-            "overhead_median": statistics.median(ext) / statistics.median(fwd) - 1,
-            "cpu_overhead": statistics.median(ecpu) / max(statistics.median(fcpu), 1e-9) - 1}
+    return {
+        "n": len(imgs),
+        "forward": fwd,
+        "extract": ext,
+        "timings": best,
+        "forward_cpu": fcpu,
+        "extract_cpu": ecpu,
+        "overhead_min": min(ext) / min(fwd) - 1,
+        "overhead_median": statistics.median(ext) / statistics.median(fwd) - 1,
+        "cpu_overhead": statistics.median(ecpu) / max(statistics.median(fcpu), 1e-9) - 1,
+    }
 
 
 def _row(name: str, r: dict) -> str:
@@ -172,10 +207,12 @@ def _row(name: str, r: dict) -> str:
     fc, ec = statistics.median(r["forward_cpu"]), statistics.median(r["extract_cpu"])
     cpu = f"{100 * r['cpu_overhead']:+.1f}%" if fc > 0.05 else f"+{ec - fc:.1f} CPU s"
     med = statistics.median
-    return (f"| {name} | {r['n']} | {min(f):.2f} / {med(f):.2f} | {min(e):.2f} / {med(e):.2f} "
-            f"| {100 * r['overhead_min']:+.1f}% / {100 * r['overhead_median']:+.1f}% | {fc:.1f} / {ec:.1f} | "
-            f"{cpu} | {t['detect']:.2f} | {t['write']:.2f} | {1e3 * t.get('write_cpu', float('nan')) / r['n']:.0f} | "
-            f"{t['load_wait']:.2f} | {t['put_wait']:.2f} | {t.get('final_write_wait', 0):.2f} | {t['setup']:.2f} |")
+    return (
+        f"| {name} | {r['n']} | {min(f):.2f} / {med(f):.2f} | {min(e):.2f} / {med(e):.2f} "
+        f"| {100 * r['overhead_min']:+.1f}% / {100 * r['overhead_median']:+.1f}% | {fc:.1f} / {ec:.1f} | "
+        f"{cpu} | {t['detect']:.2f} | {t['write']:.2f} | {1e3 * t.get('write_cpu', float('nan')) / r['n']:.0f} | "
+        f"{t['load_wait']:.2f} | {t['put_wait']:.2f} | {t.get('final_write_wait', 0):.2f} | {t['setup']:.2f} |"
+    )
 
 
 def main() -> None:
@@ -187,17 +224,29 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=1, help="writer processes of extract (0 = a thread)")
     ap.add_argument("--r50", action="store_true", help="also an R50-class detector at 640x640 (slow on CPU)")
     ap.add_argument("--r50-images", type=int, default=4)
-    ap.add_argument("--accel", type=float, default=0.25,
-                    help="seconds per image of the simulated accelerator row (R50 outputs at 640 px, replayed; "
-                         "0 = skip the row)")
+    ap.add_argument(
+        "--accel",
+        type=float,
+        default=0.25,
+        help="seconds per image of the simulated accelerator row (R50 outputs at 640 px, replayed; "
+        "0 = skip the row)",
+    )
     ap.add_argument("--accel-images", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved (forward, extract) rounds")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a shared, overloaded machine OpenMP threads "
-                         "spin-wait for descheduled partners and both wall and CPU times swing 10x)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared, overloaded machine OpenMP threads "
+        "spin-wait for descheduled partners and both wall and CPU times swing 10x)",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--detector", default=None, help="detector spec for the 192 px rows (default: shapes, or its "
-                    "random-weight architecture while the shipped weights are missing)")
+    ap.add_argument(
+        "--detector",
+        default=None,
+        help="detector spec for the 192 px rows (default: shapes, or its "
+        "random-weight architecture while the shipped weights are missing)",
+    )
     args = ap.parse_args()
     n = 16 if args.quick else args.images
     torch.set_num_threads(args.threads)
@@ -206,12 +255,22 @@ def main() -> None:
     images_dir, ann = synth_data(work / f"synth{n}", n)
     cats = [{"id": i + 1, "name": nm} for i, nm in enumerate(CATEGORY_NAMES)]
     det, desc = shapes_detector(cats, workdir=work, spec=args.detector)
-    print(f"torch threads {torch.get_num_threads()}, batch {args.batch_size}, DataLoader workers {args.workers}, "
-          f"writer processes {args.writers}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"torch threads {torch.get_num_threads()}, batch {args.batch_size}, DataLoader workers {args.workers}, "
+        f"writer processes {args.writers}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     print(f"detector: {desc}; levels {[lv.name for lv in det.levels]}")
     rows = []
-    r = measure(det, images_dir, ann, work / "overhead.zarr", args.batch_size, args.workers, args.rounds,
-                writers=args.writers)
+    r = measure(
+        det,
+        images_dir,
+        ann,
+        work / "overhead.zarr",
+        args.batch_size,
+        args.workers,
+        args.rounds,
+        writers=args.writers,
+    )
     rows.append(_row("shapes 192px", r))
     if args.r50 and not args.quick:
         from mfdetr.extract.loop import ExtractOptions
@@ -220,27 +279,51 @@ def main() -> None:
         print(f"detector: {desc50}; levels {[lv.name for lv in det50.levels]}")
         images50, ann50 = synth_data(work / f"synth640_{args.r50_images}", args.r50_images, size=640, seed=12)
         opts50 = ExtractOptions(block=2)  # the last block's write cannot overlap any forward: keep it short
-        r = measure(det50, images50, ann50, work / "overhead50.zarr", 1, args.workers, max(1, args.rounds - 1),
-                    opts=opts50, writers=args.writers)
+        r = measure(
+            det50,
+            images50,
+            ann50,
+            work / "overhead50.zarr",
+            1,
+            args.workers,
+            max(1, args.rounds - 1),
+            opts=opts50,
+            writers=args.writers,
+        )
         rows.append(_row("R50 640px", r))
     if args.accel > 0 and not args.quick:
         from mfdetr.data.coco import CocoDataset
         from mfdetr.extract.loop import ExtractOptions
 
         det50, _ = r50_detector(cats, workdir=work)
-        images_a, ann_a = synth_data(work / f"synth640_{args.accel_images}", args.accel_images, size=640, seed=13)
+        images_a, ann_a = synth_data(
+            work / f"synth640_{args.accel_images}", args.accel_images, size=640, seed=13
+        )
         ds_a = CocoDataset(ann_a, images_a)
         sim = AcceleratorSim(det50, [ds_a[i].image for i in range(min(6, len(ds_a)))], args.accel)
-        print(f"detector: R50 640 px outputs replayed behind a {args.accel} s/image sleep (an accelerator's forward: "
-              "wall time, no host CPU)")
-        r = measure(sim, images_a, ann_a, work / "overhead_accel.zarr", 1, args.workers, max(1, args.rounds - 1),
-                    opts=ExtractOptions(block=8), writers=args.writers)
+        print(
+            f"detector: R50 640 px outputs replayed behind a {args.accel} s/image sleep (an accelerator's forward: "
+            "wall time, no host CPU)"
+        )
+        r = measure(
+            sim,
+            images_a,
+            ann_a,
+            work / "overhead_accel.zarr",
+            1,
+            args.workers,
+            max(1, args.rounds - 1),
+            opts=ExtractOptions(block=8),
+            writers=args.writers,
+        )
         rows.append(_row(f"R50 640px outputs, accelerator sim {args.accel}s/img", r))
     print()
-    print("| detector | images | forward alone s (min / median) | extract s (min / median) "
-          "| wall overhead (min / median) | CPU s forward / extract (median) | CPU overhead | in-extract detect s "
-          "| writers busy s | writer CPU ms/img | waited for images s | waited for writers s "
-          "| writers' tail after last forward s | setup s |")
+    print(
+        "| detector | images | forward alone s (min / median) | extract s (min / median) "
+        "| wall overhead (min / median) | CPU s forward / extract (median) | CPU overhead | in-extract detect s "
+        "| writers busy s | writer CPU ms/img | waited for images s | waited for writers s "
+        "| writers' tail after last forward s | setup s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.workdir is None:

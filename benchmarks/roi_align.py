@@ -78,7 +78,10 @@ def make_methods(feats, rois, size, sr):
         [
             ("torchvision sum", lambda fs: tv_sum(fs, rois, size, sr)),
             ("ours", lambda fs: multilevel_roi_align(fs, rois, scales, size, sr, True)),
-            ("MultiScaleRoIAlign*", lambda fs: msra(dict(zip(map(str, range(len(fs))), fs)), boxes, image_shapes)),
+            (
+                "MultiScaleRoIAlign*",
+                lambda fs: msra(dict(zip(map(str, range(len(fs))), fs)), boxes, image_shapes),
+            ),
         ]
     )
 
@@ -133,7 +136,7 @@ def run_size(key: str, sr: int, repeats: int, do_bwd: bool, methods_filter=None)
         if do_bwd:
             time_fwd_bwd(methods[n], leaf, grads, n)
     for rep in range(repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for n in order:
             res[(n, "fwd")].append(time_fwd(methods[n], feats))
         if do_bwd:
@@ -148,11 +151,16 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (3 for (a), 1 for (b))")
     ap.add_argument("--sampling-ratio", type=int, default=-1)
     ap.add_argument("--sizes", default="a,b")
-    ap.add_argument("--repeats", type=int, default=None, help="repeats per size (default 7 for (a), 3 for (b))")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="repeats per size (default 7 for (a), 3 for (b))"
+    )
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--no-dynamic", action="store_true",
-                    help="ours always uses torch.get_num_threads() threads (no load-based reduction)")
+    ap.add_argument(
+        "--no-dynamic",
+        action="store_true",
+        help="ours always uses torch.get_num_threads() threads (no load-based reduction)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.no_dynamic:
@@ -161,7 +169,9 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
         f"torch.get_num_threads()={torch.get_num_threads()}, sampling_ratio={args.sampling_ratio}"
     )
-    print(f"load average at start: {_load()}; ours would use {parallel.n_workers(torch.device('cpu'))} thread(s) now")
+    print(
+        f"load average at start: {_load()}; ours would use {parallel.n_workers(torch.device('cpu'))} thread(s) now"
+    )
     rows = []
     for key in args.sizes.split(","):
         reps = args.repeats or ((3 if key == "a" else 1) if args.quick else (7 if key == "a" else 3))
@@ -177,16 +187,29 @@ def main(argv=None) -> None:
                 ts = res[(n, mode)]
                 med = statistics.median(ts)
                 rows.append(
-                    (f"({key}) {batch}x{per_image} S={size}", mode, n, med * 1e3, min(ts) * 1e3, max(ts) * 1e3, len(ts), base / med)
+                    (
+                        f"({key}) {batch}x{per_image} S={size}",
+                        mode,
+                        n,
+                        med * 1e3,
+                        min(ts) * 1e3,
+                        max(ts) * 1e3,
+                        len(ts),
+                        base / med,
+                    )
                 )
     print()
-    print(f"{'size':<22}{'pass':<9}{'method':<22}{'median ms':>11}{'min':>10}{'max':>10}{'n':>4}{'speed-up':>10}")
+    print(
+        f"{'size':<22}{'pass':<9}{'method':<22}{'median ms':>11}{'min':>10}{'max':>10}{'n':>4}{'speed-up':>10}"
+    )
     for size, mode, n, med, lo, hi, cnt, ratio in rows:
         print(f"{size:<22}{mode:<9}{n:<22}{med:>11.1f}{lo:>10.1f}{hi:>10.1f}{cnt:>4}{ratio:>9.1f}x")
     print("speed-up = torchvision-sum median / method median. * MultiScaleRoIAlign pools every box from one")
     print("level only (a different, ~4x cheaper op), shown for reference.")
-    print(f"load average at end: {_load()}; threads ours used per call: {sorted(_USED)} "
-          "(fewer than torch.get_num_threads() when the machine is busy, see mfdetr/ops/parallel.py)")
+    print(
+        f"load average at end: {_load()}; threads ours used per call: {sorted(_USED)} "
+        "(fewer than torch.get_num_threads() when the machine is busy, see mfdetr/ops/parallel.py)"
+    )
 
 
 def _load() -> str:

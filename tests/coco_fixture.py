@@ -100,8 +100,15 @@ def _annotations() -> list[dict]:
             rle = mask_utils.frPyObjects(segm, h, w)
         else:
             rle = {"size": segm["size"], "counts": segm["counts"].encode()}
-        return {"id": aid, "image_id": iid, "category_id": cat, "segmentation": segm,
-                "area": float(mask_utils.area(rle)), "bbox": bbox, "iscrowd": crowd_flag}
+        return {
+            "id": aid,
+            "image_id": iid,
+            "category_id": cat,
+            "segmentation": segm,
+            "area": float(mask_utils.area(rle)),
+            "bbox": bbox,
+            "iscrowd": crowd_flag,
+        }
 
     return [
         # multi-part polygon: two triangles far apart
@@ -121,8 +128,10 @@ def _annotations() -> list[dict]:
 def quirky_dataset() -> dict:
     """The quirky COCO dict (no "info"; images out of id order)."""
     order = [25, 3, 100, 7, 10, 55, 41, 11, 40]
-    images = [{"id": i, "file_name": EXPECTED[i][0], "width": EXPECTED[i][1], "height": EXPECTED[i][2]}
-              for i in order]
+    images = [
+        {"id": i, "file_name": EXPECTED[i][0], "width": EXPECTED[i][1], "height": EXPECTED[i][2]}
+        for i in order
+    ]
     return {"images": images, "annotations": _annotations(), "categories": [dict(c) for c in CATEGORIES]}
 
 
@@ -151,8 +160,13 @@ BAD_KINDS = {
     "unknown_category": False,
 }
 # image-level kinds: the image id each one breaks
-BAD_IMAGE_IDS = {"missing_file": 10, "truncated_png": 3, "truncated_jpeg": 41, "unreadable_image": 40,
-                 "size_mismatch": 11}
+BAD_IMAGE_IDS = {
+    "missing_file": 10,
+    "truncated_png": 3,
+    "truncated_jpeg": 41,
+    "unreadable_image": 40,
+    "size_mismatch": 11,
+}
 
 
 def make_bad_coco(tmp: Path, *kinds: str) -> tuple[Path, Path, list[str]]:

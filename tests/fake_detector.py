@@ -65,14 +65,23 @@ class FakeDetector:
         self.spec = "py:tests.fake_detector:build"
         self.device = torch.device(device)
         g = torch.Generator().manual_seed(1234)
-        self._mix = {lv.name: (torch.randn(lv.channels, 3, generator=g), torch.randn(lv.channels, generator=g))
-                     for lv in ALL_LEVELS}
+        self._mix = {
+            lv.name: (torch.randn(lv.channels, 3, generator=g), torch.randn(lv.channels, generator=g))
+            for lv in ALL_LEVELS
+        }
         self.fingerprint = sha256_json(
-            {"fake": 2, "levels": [lv.name for lv in self.levels], "topk": self.topk, "max_size": self.max_size,
-             "query_dim": self.query_dim, "cats": self.cat_ids, "feature_scale": self.feature_scale}
+            {
+                "fake": 2,
+                "levels": [lv.name for lv in self.levels],
+                "topk": self.topk,
+                "max_size": self.max_size,
+                "query_dim": self.query_dim,
+                "cats": self.cat_ids,
+                "feature_scale": self.feature_scale,
+            }
         )
 
-    def to(self, device: str | torch.device) -> "FakeDetector":
+    def to(self, device: str | torch.device) -> FakeDetector:
         self.device = torch.device(device)
         return self
 
@@ -97,7 +106,9 @@ class FakeDetector:
         h0, w0 = int(img.shape[1]), int(img.shape[2])
         h_in, w_in = self.input_size((h0, w0))
         sx, sy = w_in / w0, h_in / h0
-        x = F.interpolate(img[None].float() / 255.0, size=(h_in, w_in), mode="bilinear", align_corners=False)[0]
+        x = F.interpolate(img[None].float() / 255.0, size=(h_in, w_in), mode="bilinear", align_corners=False)[
+            0
+        ]
         feats = {}
         for i, lv in enumerate(self.levels):
             # float64 then float32: results do not depend on the thread count (torchrun sets 1)
@@ -134,18 +145,28 @@ class FakeDetector:
         bx[:, 0::2] = (bx[:, 0::2] / sx).clamp(0, w0)
         bx[:, 1::2] = (bx[:, 1::2] / sy).clamp(0, h0)
         scores = torch.linspace(0.95, 0.05, max(n, 1))[:n].float()
-        labels = torch.tensor([self.cat_ids[(3 * j + ncomp) % len(self.cat_ids)] for j in range(n)], dtype=torch.int64)
+        labels = torch.tensor(
+            [self.cat_ids[(3 * j + ncomp) % len(self.cat_ids)] for j in range(n)], dtype=torch.int64
+        )
         q = torch.zeros(n, self.query_dim)
         norm = bx / torch.tensor([w0, h0, w0, h0], dtype=torch.float32)
         for j in range(n):
             x1, y1, x2, y2 = (bx[j] * torch.tensor([sx, sy, sx, sy])).round().long().tolist()
-            region = x[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)]
+            region = x[:, y1 : max(y2, y1 + 1), x1 : max(x2, x1 + 1)]
             colour = region.reshape(3, -1).mean(1) if region.numel() else torch.zeros(3)
-            enc = torch.cat([norm[j], torch.sin(norm[j] * 6.28), torch.cos(norm[j] * 6.28), colour, scores[j:j + 1]])
+            enc = torch.cat(
+                [norm[j], torch.sin(norm[j] * 6.28), torch.cos(norm[j] * 6.28), colour, scores[j : j + 1]]
+            )
             q[j, : min(self.query_dim, enc.numel())] = enc[: self.query_dim]
         return DetectorOutput(
-            boxes=bx, scores=scores, labels=labels, queries=q, features=feats,
-            scale=(float(sx), float(sy)), input_size=(h_in, w_in), orig_size=(h0, w0),
+            boxes=bx,
+            scores=scores,
+            labels=labels,
+            queries=q,
+            features=feats,
+            scale=(float(sx), float(sy)),
+            input_size=(h_in, w_in),
+            orig_size=(h0, w0),
         )
 
 

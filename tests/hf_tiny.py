@@ -41,21 +41,39 @@ SMALL = {"shortest_edge": 64, "longest_edge": 96}
 
 
 def _resnet(out_features):
-    return t.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                          layer_type="basic", out_features=out_features)
+    return t.ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=out_features,
+    )
 
 
 def _timm(out_indices=(1, 2, 3, 4)):
     # timm's resnet18 with random weights (use_pretrained_backbone=False: nothing is downloaded)
     # (an explicit TimmBackboneConfig, as real checkpoints store it: backbone= alone would query the Hub)
-    return dict(use_timm_backbone=True, use_pretrained_backbone=False, backbone_config=t.TimmBackboneConfig(
-        backbone="resnet18", out_indices=list(out_indices), use_pretrained_backbone=False))
+    return dict(
+        use_timm_backbone=True,
+        use_pretrained_backbone=False,
+        backbone_config=t.TimmBackboneConfig(
+            backbone="resnet18", out_indices=list(out_indices), use_pretrained_backbone=False
+        ),
+    )
 
 
 def _detr_like(name):
-    common = dict(d_model=WIDTH, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-                  decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=QUERIES,
-                  **LABELS)
+    common = dict(
+        d_model=WIDTH,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_queries=QUERIES,
+        **LABELS,
+    )
     hf_bb = dict(use_timm_backbone=False, use_pretrained_backbone=False)
     if name == "detr":
         cfg = t.DetrConfig(backbone_config=_resnet(["stage4"]), **hf_bb, **common)
@@ -64,39 +82,72 @@ def _detr_like(name):
         return t.DetrForObjectDetection(t.DetrConfig(**_timm(), **common)), t.DetrImageProcessor(size=SMALL)
     if name == "conditional_detr":
         return t.ConditionalDetrForObjectDetection(
-            t.ConditionalDetrConfig(backbone_config=_resnet(["stage4"]), **hf_bb, **common)), \
-            t.ConditionalDetrImageProcessor(size=SMALL)
+            t.ConditionalDetrConfig(backbone_config=_resnet(["stage4"]), **hf_bb, **common)
+        ), t.ConditionalDetrImageProcessor(size=SMALL)
     if name == "table_transformer":
         return t.TableTransformerForObjectDetection(
-            t.TableTransformerConfig(backbone_config=_resnet(["stage4"]), **hf_bb, **common)), \
-            t.DetrImageProcessor(size=SMALL)
+            t.TableTransformerConfig(backbone_config=_resnet(["stage4"]), **hf_bb, **common)
+        ), t.DetrImageProcessor(size=SMALL)
     if name == "dab_detr":
         kw = {k: v for k, v in common.items() if k != "d_model"}
         return t.DabDetrForObjectDetection(
-            t.DabDetrConfig(backbone_config=_resnet(["stage4"]), **hf_bb, hidden_size=WIDTH, **kw)), \
-            t.ConditionalDetrImageProcessor(size=SMALL)
+            t.DabDetrConfig(backbone_config=_resnet(["stage4"]), **hf_bb, hidden_size=WIDTH, **kw)
+        ), t.ConditionalDetrImageProcessor(size=SMALL)
     # Deformable DETR: plain, box refine, two-stage, timm backbone
-    bb = _timm((2, 3, 4)) if name == "deformable_detr_timm" else \
-        dict(backbone_config=_resnet(["stage2", "stage3", "stage4"]), **hf_bb)
-    cfg = t.DeformableDetrConfig(**bb, **common, num_feature_levels=4, encoder_n_points=2, decoder_n_points=2,
-                                 two_stage_num_proposals=QUERIES,
-                                 with_box_refine=name.endswith(("refine", "stage")),
-                                 two_stage=name == "deformable_detr_two_stage")
+    bb = (
+        _timm((2, 3, 4))
+        if name == "deformable_detr_timm"
+        else dict(backbone_config=_resnet(["stage2", "stage3", "stage4"]), **hf_bb)
+    )
+    cfg = t.DeformableDetrConfig(
+        **bb,
+        **common,
+        num_feature_levels=4,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        two_stage_num_proposals=QUERIES,
+        with_box_refine=name.endswith(("refine", "stage")),
+        two_stage=name == "deformable_detr_two_stage",
+    )
     return t.DeformableDetrForObjectDetection(cfg), t.DeformableDetrImageProcessor(size=SMALL)
 
 
 def _rt_detr_like(name):
-    backbone = t.RTDetrResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                                    layer_type="basic", out_indices=[2, 3, 4])
-    hgnet = dict(hidden_sizes=[16, 32, 64, 128], stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 64],
-                 stage_mid_channels=[8, 8, 16, 16], stage_out_channels=[16, 32, 64, 128],
-                 stage_num_blocks=[1, 1, 1, 1], stage_numb_of_layers=[1, 1, 1, 1],
-                 stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
-                 stage_kernel_size=[3, 3, 5, 5], out_features=["stage2", "stage3", "stage4"])
-    kw = dict(backbone_config=backbone, encoder_in_channels=[32, 64, 128], encoder_hidden_dim=32,
-              d_model=WIDTH, decoder_in_channels=[32, 32, 32], encoder_ffn_dim=32, decoder_ffn_dim=32,
-              decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, num_queries=QUERIES,
-              num_denoising=0, **LABELS)
+    backbone = t.RTDetrResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_indices=[2, 3, 4],
+    )
+    hgnet = dict(
+        hidden_sizes=[16, 32, 64, 128],
+        stem_channels=[3, 8, 8],
+        stage_in_channels=[8, 16, 32, 64],
+        stage_mid_channels=[8, 8, 16, 16],
+        stage_out_channels=[16, 32, 64, 128],
+        stage_num_blocks=[1, 1, 1, 1],
+        stage_numb_of_layers=[1, 1, 1, 1],
+        stage_downsample=[False, True, True, True],
+        stage_light_block=[False, False, True, True],
+        stage_kernel_size=[3, 3, 5, 5],
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    kw = dict(
+        backbone_config=backbone,
+        encoder_in_channels=[32, 64, 128],
+        encoder_hidden_dim=32,
+        d_model=WIDTH,
+        decoder_in_channels=[32, 32, 32],
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=QUERIES,
+        num_denoising=0,
+        **LABELS,
+    )
     proc = t.RTDetrImageProcessor(size={"height": 64, "width": 96})
     if name == "rt_detr":
         return t.RTDetrForObjectDetection(t.RTDetrConfig(**kw)), proc
@@ -116,18 +167,43 @@ def _rt_detr_like(name):
 def _vit_like(name):
     """LW-DETR (plain ViT, projector at strides 8 and 32 here) and RF-DETR (windowed DINOv2, one projector
     level at the patch stride); inputs are a fixed multiple of patch x windows."""
-    dec = dict(d_model=WIDTH, decoder_layers=2, decoder_self_attention_heads=2,
-               decoder_cross_attention_heads=2, decoder_ffn_dim=32, decoder_n_points=2, num_queries=QUERIES,
-               group_detr=3, **LABELS)
+    dec = dict(
+        d_model=WIDTH,
+        decoder_layers=2,
+        decoder_self_attention_heads=2,
+        decoder_cross_attention_heads=2,
+        decoder_ffn_dim=32,
+        decoder_n_points=2,
+        num_queries=QUERIES,
+        group_detr=3,
+        **LABELS,
+    )
     if name == "lw_detr":
-        vit = t.LwDetrViTConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                image_size=64, pretrain_image_size=64, patch_size=16, num_windows=4,
-                                window_block_indices=[0], out_indices=[1, 2])
+        vit = t.LwDetrViTConfig(
+            hidden_size=WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            image_size=64,
+            pretrain_image_size=64,
+            patch_size=16,
+            num_windows=4,
+            window_block_indices=[0],
+            out_indices=[1, 2],
+        )
         cfg = t.LwDetrConfig(backbone_config=vit, projector_scale_factors=[2.0, 0.5], **dec)
         proc = t.DeformableDetrImageProcessor(size={"height": 64, "width": 128})
         return t.LwDetrForObjectDetection(cfg), proc
-    vit = t.RfDetrDinov2Config(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                               image_size=64, patch_size=16, num_windows=2, out_indices=[1, 2])
+    vit = t.RfDetrDinov2Config(
+        hidden_size=WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=64,
+        patch_size=16,
+        num_windows=2,
+        out_indices=[1, 2],
+    )
     cfg = t.RfDetrConfig(backbone_config=vit, **dec)
     cls = t.RfDetrForInstanceSegmentation if name == "rf_detr_seg" else t.RfDetrForObjectDetection
     return cls(cfg), t.RfDetrImageProcessor(size={"height": 64, "width": 128})

@@ -30,8 +30,17 @@ def _inside(kind: int, cx: float, cy: float, r: float, x: np.ndarray, y: np.ndar
 class SyntheticCache(torch.utils.data.Dataset):
     """See the module doc. ``levels``, ``query_dim``, ``attrs``, ``fingerprint``, ``collate`` as CacheDataset."""
 
-    def __init__(self, n: int = 16, size: int = 64, k: int = 6, mask_size: int = 16, query_dim: int = 16,
-                 levels: list[LevelSpec] | None = None, seed: int = 0, scale: float = 1.0):
+    def __init__(
+        self,
+        n: int = 16,
+        size: int = 64,
+        k: int = 6,
+        mask_size: int = 16,
+        query_dim: int = 16,
+        levels: list[LevelSpec] | None = None,
+        seed: int = 0,
+        scale: float = 1.0,
+    ):
         self.n, self.size, self.k, self.mask_size, self.query_dim = n, size, k, mask_size, query_dim
         self.levels = list(levels or LEVELS)
         self.seed = seed
@@ -39,9 +48,19 @@ class SyntheticCache(torch.utils.data.Dataset):
         self.fingerprint = f"synthetic-{n}-{size}-{k}-{mask_size}-{query_dim}-{seed}-{scale}"
         self.attrs = {
             "fingerprint": self.fingerprint,
-            "detector": {"spec": "synthetic", "fingerprint": "synthetic-detector", "query_dim": query_dim,
-                         "levels": [{"name": lv.name, "stride": lv.stride, "channels": lv.channels} for lv in self.levels]},
-            "dataset": {"fingerprint": "synthetic-data", "num_images": n, "categories": [{"id": 1, "name": "disc"}, {"id": 2, "name": "square"}]},
+            "detector": {
+                "spec": "synthetic",
+                "fingerprint": "synthetic-detector",
+                "query_dim": query_dim,
+                "levels": [
+                    {"name": lv.name, "stride": lv.stride, "channels": lv.channels} for lv in self.levels
+                ],
+            },
+            "dataset": {
+                "fingerprint": "synthetic-data",
+                "num_images": n,
+                "categories": [{"id": 1, "name": "disc"}, {"id": 2, "name": "square"}],
+            },
             "options": {"topk": k, "mask_size": mask_size},
         }
 
@@ -119,9 +138,18 @@ class SyntheticCache(torch.utils.data.Dataset):
         for arr in (boxes, scores, labels, queries, match, miou, targets):
             arr[sl] = arr[sl][order]
         return {
-            "index": i, "image_id": i + 1, "orig_size": (s0, s0), "input_size": (h_in, w_in), "scale": (sc, sc),
-            "num_boxes": n_box, "boxes": torch.from_numpy(boxes), "scores": torch.from_numpy(scores),
-            "labels": torch.from_numpy(labels), "queries": torch.from_numpy(queries), "features": feats,
-            "match_ann_id": torch.from_numpy(match), "match_iou": torch.from_numpy(miou),
+            "index": i,
+            "image_id": i + 1,
+            "orig_size": (s0, s0),
+            "input_size": (h_in, w_in),
+            "scale": (sc, sc),
+            "num_boxes": n_box,
+            "boxes": torch.from_numpy(boxes),
+            "scores": torch.from_numpy(scores),
+            "labels": torch.from_numpy(labels),
+            "queries": torch.from_numpy(queries),
+            "features": feats,
+            "match_ann_id": torch.from_numpy(match),
+            "match_iou": torch.from_numpy(miou),
             "mask_targets": torch.from_numpy(targets),
         }

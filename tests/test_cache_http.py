@@ -13,18 +13,24 @@ import torch
 
 from mfdetr.cache.inspect import cache_info, verify
 from mfdetr.cache.reader import CacheDataset
-from mfdetr.extract import ExtractOptions, extract
-
+from mfdetr.extract import ExtractOptions
 from tests.fake_detector import FakeDetector, make_small_synth, serve_http
+from tests.tiny_cache import extract_into
+
+
+def _www_cache(tmp_path: Path, n: int, seed: int, **opt):
+    """A tiny fake-detector cache at ``tmp_path/www/c.zarr`` (the folder a server shares); returns
+    (images, annotations, the extract result)."""
+    from mfdetr.data.coco import CocoDataset
+
+    images, ann = make_small_synth(tmp_path / "data", n=n, size=96, seed=seed)
+    det = FakeDetector(categories=CocoDataset(ann, images).categories, topk=8)
+    res = extract_into(det, images, ann, tmp_path / "www" / "c.zarr", ExtractOptions(topk=8, block=4, **opt))
+    return images, ann, res
 
 
 def test_read_over_http_equals_local(tmp_path):
-    images, ann = make_small_synth(tmp_path / "data", n=6, size=96, seed=5)
-    from mfdetr.data.coco import CocoDataset
-
-    ds = CocoDataset(ann, images)
-    res = extract(FakeDetector(categories=ds.categories, topk=8), images, ann, out=str(tmp_path / "www" / "c.zarr"),
-                  opts=ExtractOptions(topk=8, block=4, dtype="bfloat16"), workers=0, progress=False)
+    _, _, res = _www_cache(tmp_path, 6, 5, dtype="bfloat16")
     local = CacheDataset(res.path)
     with serve_http(tmp_path / "www") as base:
         url = f"{base}/c.zarr"
@@ -48,8 +54,11 @@ def python_http_server(root: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                             "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             try:
@@ -70,23 +79,22 @@ def test_trains_and_evaluates_from_a_python_http_server_url(tmp_path, caplog):
     from mfdetr.train.loop import train_from_cache
     from tests.test_train import small_cfg
 
-    images, ann = make_small_synth(tmp_path / "data", n=8, size=96, seed=7)
-    from mfdetr.data.coco import CocoDataset
-
-    ds = CocoDataset(ann, images)
-    res = extract(FakeDetector(categories=ds.categories, topk=8), images, ann, out=str(tmp_path / "www" / "c.zarr"),
-                  opts=ExtractOptions(topk=8, block=4, mask_size=16), workers=0, progress=False)
+    _, ann, res = _www_cache(tmp_path, 8, 7, mask_size=16)
     cfg = dict(epochs=1, batch_size=4, seed=3, workers=1)
     local = train_from_cache(res.path, tmp_path / "run_local", small_cfg(**cfg), progress=False)
     eval_cfg = EvalConfig(workers=0, progress=False)
     with python_http_server(tmp_path / "www") as base:
         url = f"{base}/c.zarr"
-        remote = train_from_cache(url, tmp_path / "run_remote", small_cfg(**cfg), val_cache=url, progress=False)
+        remote = train_from_cache(
+            url, tmp_path / "run_remote", small_cfg(**cfg), val_cache=url, progress=False
+        )
         assert remote.steps == local.steps == 2
         assert remote.train_loss == local.train_loss
         assert 0.0 <= remote.val_miou <= 1.0
         ev = evaluate(url, Path(remote.checkpoint), eval_cfg, annotations=ann, out=tmp_path / "eval")
-    ev_local = evaluate(res.path, Path(local.checkpoint), eval_cfg, annotations=ann, out=tmp_path / "eval_local")
+    ev_local = evaluate(
+        res.path, Path(local.checkpoint), eval_cfg, annotations=ann, out=tmp_path / "eval_local"
+    )
     assert ev.num_images == 8
     assert any("ignores HTTP Range" in r.getMessage() for r in caplog.records)  # the fallback was exercised
     assert ev.mask_ap == ev_local.mask_ap and ev.box_ap == ev_local.box_ap

@@ -14,19 +14,23 @@ from mfdetr.cache.inspect import verify_report
 from mfdetr.cache.reader import CacheDataset
 from mfdetr.cli import app
 from mfdetr.errors import MfdetrError
-from mfdetr.extract.loop import ExtractOptions, extract
-from tests.fake_detector import SPEC, make_small_synth, tree_bytes
+from mfdetr.extract.loop import ExtractOptions
+from tests.fake_detector import make_small_synth, tree_bytes
+from tests.tiny_cache import assert_same_tree, fake_extract
 
 N, BLOCK, TOPK = 7, 2, 6
 OPTS = dict(topk=TOPK, block=BLOCK, mask_size=16)
+
+
+def _extract(images, ann, out, **kw):
+    return fake_extract(images, ann, out, ExtractOptions(**OPTS), writers=0, **kw)
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     images, ann = make_small_synth(root / "data", n=N, size=64, seed=4)
-    res = extract(SPEC, images, ann, out=str(root / "ref.zarr"), opts=ExtractOptions(**OPTS), batch_size=2,
-                  workers=0, writers=0, progress=False)
+    res = _extract(images, ann, root / "ref.zarr")
     return images, ann, Path(res.path)
 
 
@@ -84,11 +88,11 @@ def test_damage_is_named_refused_and_repaired(ref, tmp_path, kind):
     assert tree_bytes(out) == before  # reading and verify touch nothing
 
     # repair: only the damaged block is re-extracted; the store equals the uninterrupted one byte for byte
-    r = extract(SPEC, images, ann, out=str(out), opts=ExtractOptions(**OPTS), batch_size=2, workers=0, writers=0,
-                progress=False, repair=True)
-    assert r.repaired == [block] and r.images_written == len(range(block * BLOCK, min(N, block * BLOCK + BLOCK)))
-    a, b = tree_bytes(ref_path), tree_bytes(out)
-    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    r = _extract(images, ann, out, repair=True)
+    assert r.repaired == [block] and r.images_written == len(
+        range(block * BLOCK, min(N, block * BLOCK + BLOCK))
+    )
+    assert_same_tree(ref_path, out)
     assert verify_report(out).ok
 
 
@@ -97,8 +101,7 @@ def test_plain_rerun_repairs_a_missing_shard(ref, tmp_path):
     out = tmp_path / "c.zarr"
     shutil.copytree(ref_path, out)
     (out / "queries/c/2/0/0").unlink()
-    r = extract(SPEC, images, ann, out=str(out), opts=ExtractOptions(**OPTS), batch_size=2, workers=0, writers=0,
-                progress=False)
+    r = _extract(images, ann, out)
     assert r.repaired == [2] and not r.reused
     assert tree_bytes(out) == tree_bytes(ref_path)
 
@@ -117,9 +120,8 @@ def test_damaged_metadata(ref, tmp_path, which):
     assert which in str(e.value) and "--repair" in str(e.value) and "\n" not in str(e.value)
     if which == "zarr.json":  # a plain rerun refuses to guess; --repair rewrites it
         with pytest.raises(MfdetrError, match="--repair"):
-            extract(SPEC, images, ann, out=str(out), opts=ExtractOptions(**OPTS), workers=0, progress=False)
-    r = extract(SPEC, images, ann, out=str(out), opts=ExtractOptions(**OPTS), batch_size=2, workers=0, writers=0,
-                progress=False, repair=True)
+            fake_extract(images, ann, out, ExtractOptions(**OPTS), batch_size=4)
+    r = _extract(images, ann, out, repair=True)
     assert r.images_written == 0
     assert tree_bytes(out) == tree_bytes(ref_path)
 

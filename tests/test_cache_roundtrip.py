@@ -12,10 +12,11 @@ import zarr
 from mfdetr.cache.inspect import cache_info, verify
 from mfdetr.cache.reader import CacheDataset, open_cache
 from mfdetr.data.coco import CocoDataset
-from mfdetr.extract.loop import ExtractOptions, MatchOptions, extract
 from mfdetr.errors import MfdetrError
+from mfdetr.extract.loop import ExtractOptions, MatchOptions, extract
 from mfdetr.extract.matching import compute_targets, unpack_masks
 from tests.fake_detector import FakeDetector, make_small_synth
+from tests.tiny_cache import assert_same_tree, extract_into, sample_gt
 
 TOPK = 12
 
@@ -35,8 +36,7 @@ def _det(ds, **kw):
 def _run(data, out, progress=False, **opt):
     images, ann, ds = data
     opts = ExtractOptions(topk=TOPK, block=4, **opt)
-    return extract(_det(ds, levels=opts.levels), images, ann, out=str(out), opts=opts, workers=0,
-                   batch_size=3, progress=progress)
+    return extract_into(_det(ds, levels=opts.levels), images, ann, out, opts, batch_size=3, progress=progress)
 
 
 TOL = {"float32": 0.0, "float16": 2**-11, "bfloat16": 2**-8}
@@ -70,8 +70,7 @@ def test_round_trip(data, tmp_path, dtype):
             assert torch.allclose(g, f, rtol=rtol, atol=1e-6 if rtol else 0), name
         assert torch.allclose(r["queries"][:n], o.queries, rtol=rtol, atol=1e-6 if rtol else 0)
         # targets equal a direct computation from the annotations
-        gt = {"boxes": s.boxes, "labels": s.labels, "iscrowd": s.iscrowd, "ann_ids": s.ann_ids, "masks": s.masks,
-              "orig_size": tuple(s.image.shape[1:])}
+        gt = sample_gt(s)
         t = compute_targets(r["boxes"], r["labels"], r["scores"], n, gt, "iou", 0.5, 64)
         assert np.array_equal(r["match_ann_id"].numpy(), t["match_ann_id"])
         assert np.array_equal(r["match_iou"].numpy(), t["match_iou"])
@@ -107,17 +106,42 @@ def test_reuse_and_cache_root(data, tmp_path, capsys):
     assert r2.reused and r2.images_written == 0 and r2.path == r1.path and r2.images_done == len(ds)
     assert stamp == {p: p.stat().st_mtime_ns for p in Path(r1.path).rglob("*") if p.is_file()}
     # other options -> another store next to it
-    r3 = extract(_det(ds), images, ann, cache_root=tmp_path / "root", opts=ExtractOptions(topk=TOPK, block=4,
-                 match=MatchOptions(rule="hungarian")), workers=0, progress=False)
+    r3 = extract(
+        _det(ds),
+        images,
+        ann,
+        cache_root=tmp_path / "root",
+        opts=ExtractOptions(topk=TOPK, block=4, match=MatchOptions(rule="hungarian")),
+        workers=0,
+        progress=False,
+    )
     assert r3.path != r1.path and not r3.reused
     # the CLI says so
     from typer.testing import CliRunner
 
     from mfdetr.cli import app
 
-    out = CliRunner().invoke(app, ["extract", "--detector", "py:tests.fake_detector:build", "--images", str(images),
-                                   "--annotations", str(ann), "--cache-root", str(tmp_path / "root"), "--topk",
-                                   str(TOPK), "--block", "4", "--workers", "0", "--no-progress"])
+    out = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--detector",
+            "py:tests.fake_detector:build",
+            "--images",
+            str(images),
+            "--annotations",
+            str(ann),
+            "--cache-root",
+            str(tmp_path / "root"),
+            "--topk",
+            str(TOPK),
+            "--block",
+            "4",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "nothing to do" in out.output and name in out.output
 
@@ -144,8 +168,14 @@ def test_fingerprint_mismatch_is_a_clear_error(data, tmp_path):
 
 
 def test_options_validation():
-    for bad in (dict(keepbits=11), dict(keepbits=8, dtype="bfloat16"), dict(mask_size=60), dict(block=0),
-                dict(codec="gzip"), dict(levels=[])):
+    for bad in (
+        dict(keepbits=11),
+        dict(keepbits=8, dtype="bfloat16"),
+        dict(mask_size=60),
+        dict(block=0),
+        dict(codec="gzip"),
+        dict(levels=[]),
+    ):
         with pytest.raises(MfdetrError):
             ExtractOptions(**bad).validate()
     from mfdetr.utils.config import from_dict
@@ -166,18 +196,28 @@ def test_info_and_verify(data, tmp_path):
     from mfdetr.cli import app
 
     out = CliRunner().invoke(app, ["cache", "info", res.path])
-    assert out.exit_code == 0 and "10/10 done" in out.output and "per image" in out.output and "lz4" in out.output
+    assert (
+        out.exit_code == 0
+        and "10/10 done" in out.output
+        and "per image" in out.output
+        and "lz4" in out.output
+    )
     out = CliRunner().invoke(app, ["cache", "verify", res.path])
     assert out.exit_code == 0 and "ok" in out.output
     # corrupt one feature shard: verify names the images of that block
-    shard = next(p for p in (Path(res.path) / "feat" / "f8").rglob("*") if p.is_file() and p.name == "0"
-                 and p.parent.parent.parent.name == "1")
+    shard = next(
+        p
+        for p in (Path(res.path) / "feat" / "f8").rglob("*")
+        if p.is_file() and p.name == "0" and p.parent.parent.parent.name == "1"
+    )
     raw = bytearray(shard.read_bytes())
-    raw[len(raw) // 3: len(raw) // 3 + 16] = b"\xff" * 16
+    raw[len(raw) // 3 : len(raw) // 3 + 16] = b"\xff" * 16
     shard.write_bytes(bytes(raw))
     problems = verify(res.path)
     assert problems and all("image position" in p for p in problems)
-    assert {int(p.split()[2].rstrip(":")) for p in problems} <= {4, 5, 6, 7} and any("decode" in p for p in problems)
+    assert {int(p.split()[2].rstrip(":")) for p in problems} <= {4, 5, 6, 7} and any(
+        "decode" in p for p in problems
+    )
     out = CliRunner().invoke(app, ["cache", "verify", res.path])
     assert out.exit_code == 1 and "problem" in out.output
 
@@ -198,12 +238,11 @@ def test_dataloader_workers_read_the_same(data, tmp_path):
 def test_float16_underflow_is_reported(data, tmp_path):
     images, ann, ds = data
     opts = ExtractOptions(topk=TOPK, block=4, dtype="float16")
-    res = extract(_det(ds, feature_scale=1e-9), images, ann, out=str(tmp_path / "a.zarr"), opts=opts, workers=0,
-                  progress=False)
+    res = extract_into(_det(ds, feature_scale=1e-9), images, ann, tmp_path / "a.zarr", opts)
     assert len(res.warnings) == 2 and all("below float16's normal range" in w for w in res.warnings)
     assert any("level f8" in w for w in res.warnings) and "bfloat16" in res.warnings[0]
-    ok = extract(_det(ds, feature_scale=1e-9), images, ann, out=str(tmp_path / "b.zarr"),
-                 opts=ExtractOptions(topk=TOPK, block=4, dtype="bfloat16"), workers=0, progress=False)
+    bf16 = ExtractOptions(topk=TOPK, block=4, dtype="bfloat16")
+    ok = extract_into(_det(ds, feature_scale=1e-9), images, ann, tmp_path / "b.zarr", bf16)
     assert ok.warnings == []
     r = CacheDataset(ok.path)[0]["features"]["f8"]
     assert r.abs().max() > 0 and r.abs().max() < 1e-8  # bfloat16 keeps the tiny values
@@ -213,28 +252,26 @@ def test_float16_underflow_is_reported(data, tmp_path):
 def test_fsspec_url_store(data):
     images, ann, ds = data
     opts = ExtractOptions(topk=TOPK, block=4)
-    r = extract(_det(ds), images, ann, cache_root="memory://mfdetr-test-caches", opts=opts, workers=0, progress=False)
+    r = extract(
+        _det(ds), images, ann, cache_root="memory://mfdetr-test-caches", opts=opts, workers=0, progress=False
+    )
     assert r.path.startswith("memory://mfdetr-test-caches/build-train-") and r.images_done == len(ds)
     cache = CacheDataset(r.path)
     assert len(cache) == len(ds) and cache[3]["image_id"] == ds.image_ids[3]
     assert verify(r.path) == [] and cache_info(r.path)["bytes_on_disk"] > 0
-    assert extract(_det(ds), images, ann, cache_root="memory://mfdetr-test-caches", opts=opts, workers=0,
-                   progress=False).reused
+    assert extract(
+        _det(ds), images, ann, cache_root="memory://mfdetr-test-caches", opts=opts, workers=0, progress=False
+    ).reused
 
 
 @pytest.mark.parametrize("writers", [0, 2])
 def test_writer_modes_give_the_same_bytes_and_report_errors(data, tmp_path, writers):
-    from tests.fake_detector import tree_bytes
-
     images, ann, ds = data
     opts = ExtractOptions(topk=TOPK, block=2)
-    ref = extract(_det(ds), images, ann, out=str(tmp_path / "ref.zarr"), opts=opts, workers=0, writers=1,
-                  progress=False)
-    res = extract(_det(ds), images, ann, out=str(tmp_path / "w.zarr"), opts=opts, workers=0, writers=writers,
-                  progress=False)
+    ref = extract_into(_det(ds), images, ann, tmp_path / "ref.zarr", opts, writers=1)
+    res = extract_into(_det(ds), images, ann, tmp_path / "w.zarr", opts, writers=writers)
     assert res.images_written == len(ds) and res.timings["write"] > 0
-    a, b = tree_bytes(ref.path), tree_bytes(res.path)
-    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    assert_same_tree(ref.path, res.path)
 
     class Broken(FakeDetector):
         def detect(self, images):
@@ -244,8 +281,14 @@ def test_writer_modes_give_the_same_bytes_and_report_errors(data, tmp_path, writ
             return outs
 
     with pytest.raises(MfdetrError, match="queries have shape"):
-        extract(Broken(categories=ds.categories, topk=TOPK), images, ann, out=str(tmp_path / "x.zarr"), opts=opts,
-                workers=0, writers=writers, progress=False)
+        extract_into(
+            Broken(categories=ds.categories, topk=TOPK),
+            images,
+            ann,
+            tmp_path / "x.zarr",
+            opts,
+            writers=writers,
+        )
 
 
 def test_auto_block(data, tmp_path):
@@ -253,13 +296,14 @@ def test_auto_block(data, tmp_path):
 
     small = [{"name": "a", "stride": 8, "channels": 8}]
     assert auto_block(small, {"a": [12, 12]}, 100, 16, "float16") == 64
-    r50 = [{"name": n, "stride": s, "channels": 256} for n, s in (("b4", 4), ("e8", 8), ("e16", 16), ("e32", 32))]
+    r50 = [
+        {"name": n, "stride": s, "channels": 256} for n, s in (("b4", 4), ("e8", 8), ("e16", 16), ("e32", 32))
+    ]
     padded = {"b4": [160, 160], "e8": [80, 80], "e16": [40, 40], "e32": [20, 20]}
     assert auto_block(r50, padded, 300, 256, "float16") == 8  # ~17 MB/image: the minimum
     mid = [{"name": "e8", "stride": 8, "channels": 256}]
     assert auto_block(mid, {"e8": [40, 40]}, 100, 256, "float16") == 32  # ~0.87 MB/image
     assert auto_block(mid, {"e8": [40, 40]}, 100, 256, "float32") == 16
     images, ann, ds = data
-    res = extract(_det(ds), images, ann, out=str(tmp_path / "c.zarr"), opts=ExtractOptions(topk=TOPK), workers=0,
-                  progress=False)
+    res = extract_into(_det(ds), images, ann, tmp_path / "c.zarr", ExtractOptions(topk=TOPK))
     assert CacheDataset(res.path).attrs["options"]["block"] == 64

@@ -5,24 +5,19 @@ fingerprints, SIGKILL + resume byte-equality, and the disk-space refusal."""
 from __future__ import annotations
 
 import math
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from mfdetr.cache.reader import CacheDataset
 from mfdetr.cache.schema import ExtractOptions, estimate_image_bytes
 from mfdetr.cache.storage import box_region, dequantize, fit_pca, project, quant_params, quantize
 from mfdetr.data.coco import CocoDataset
 from mfdetr.errors import MfdetrError
-from mfdetr.extract.loop import extract
-from tests.fake_detector import REPO_ROOT, SPEC, FakeDetector, make_small_synth, subprocess_env, tree_bytes
+from tests.fake_detector import REPO_ROOT, FakeDetector, make_small_synth, subprocess_env
+from tests.tiny_cache import assert_same_tree, done_mask, extract_cmd, fake_extract, kill_mid_run
 
 N, BLOCK, TOPK = 8, 2, 10
 F16_REL = 2.0**-11  # float16 rounding of the decoded values (the cache's storage precision)
@@ -40,9 +35,7 @@ def data(tmp_path_factory):
 
 def _extract(root, images, ann, name, **kw):
     opts = ExtractOptions(topk=TOPK, block=BLOCK, calib_images=3, **kw)
-    return extract(
-        SPEC, images, ann, out=str(root / f"{name}.zarr"), opts=opts, batch_size=2, workers=0, progress=False
-    )
+    return fake_extract(images, ann, root / f"{name}.zarr", opts)
 
 
 # -- numerics --------------------------------------------------------------------------------------
@@ -182,15 +175,8 @@ def test_storage_levers_change_the_fingerprint_and_are_refused_on_mismatch(data)
     c = _extract(root, images, ann, "fp3", box_mask=["f8"])
     assert len({a.fingerprint, b.fingerprint, c.fingerprint}) == 3
     with pytest.raises(MfdetrError, match="options.quant"):
-        extract(
-            SPEC,
-            images,
-            ann,
-            out=a.path,
-            opts=ExtractOptions(topk=TOPK, block=BLOCK, quant="int8-calib", calib_images=3),
-            batch_size=2,
-            workers=0,
-            progress=False,
+        fake_extract(
+            images, ann, a.path, ExtractOptions(topk=TOPK, block=BLOCK, quant="int8-calib", calib_images=3)
         )
     with pytest.raises(MfdetrError, match="project names level"):
         _extract(root, images, ann, "bad", project={"nope": 2})
@@ -202,41 +188,9 @@ def test_storage_levers_change_the_fingerprint_and_are_refused_on_mismatch(data)
 
 
 def _cli(images, ann, out, extra):
-    return [
-        sys.executable,
-        "-m",
-        "mfdetr",
-        "extract",
-        "--detector",
-        SPEC,
-        "--images",
-        str(images),
-        "--annotations",
-        str(ann),
-        "--out",
-        str(out),
-        "--topk",
-        str(TOPK),
-        "--block",
-        str(BLOCK),
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--writers",
-        "1",
-        "--no-progress",
-        "--calib-images",
-        "3",
-        *extra,
-    ]
-
-
-def _done(out) -> np.ndarray:
-    try:
-        return np.asarray(zarr.open_group(str(out), mode="r")["done"][:], bool)
-    except Exception:
-        return np.zeros(N, bool)
+    return extract_cmd(
+        images, ann, out, topk=TOPK, block=BLOCK, writers=1, extra=["--calib-images", "3", *extra]
+    )
 
 
 @pytest.mark.parametrize(
@@ -253,30 +207,12 @@ def test_sigkill_then_resume_gives_the_same_bytes(data, extra, kw):
     tag = "-".join(x.strip("-") for x in extra).replace("=", "").replace(",", "")
     ref, out = root / f"ref-{tag}.zarr", root / f"killed-{tag}.zarr"
     _extract(root, images, ann, f"ref-{tag}", **kw)  # uninterrupted, in this process (same bytes as the CLI)
-    proc = subprocess.Popen(
-        _cli(images, ann, out, extra),
-        cwd=REPO_ROOT,
-        env=subprocess_env(MFDETR_FAKE_SLEEP="0.3"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and _done(out).sum() < BLOCK and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(0.2)
-        assert proc.poll() is None, "finished before the kill: " + proc.stdout.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert BLOCK <= _done(out).sum() < N
+    kill_mid_run(_cli(images, ann, out, extra), out, N, min_done=BLOCK, sleep="0.3", settle=0.2)
+    assert BLOCK <= done_mask(out, N).sum() < N
     subprocess.run(
         _cli(images, ann, out, extra), cwd=REPO_ROOT, env=subprocess_env(), check=True, capture_output=True
     )
-    a, b = tree_bytes(ref), tree_bytes(out)
-    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    assert_same_tree(ref, out)
 
 
 # -- size estimate and the disk check --------------------------------------------------------------
@@ -298,15 +234,5 @@ def test_estimate_follows_the_schema_and_the_disk_check_refuses(data, monkeypatc
     with pytest.raises(MfdetrError, match=r"GB free.*--force") as e:
         _extract(root, images, ann, "nofit")
     assert "estimated" in str(e.value)
-    ok = extract(
-        SPEC,
-        images,
-        ann,
-        out=str(root / "forced.zarr"),
-        opts=ExtractOptions(topk=TOPK, block=BLOCK),
-        batch_size=2,
-        workers=0,
-        progress=False,
-        force=True,
-    )
+    ok = fake_extract(images, ann, root / "forced.zarr", ExtractOptions(topk=TOPK, block=BLOCK), force=True)
     assert ok.images_done == N and math.isfinite(res.timings["total"])

@@ -57,8 +57,25 @@ def copy_dataset(small, dst: Path) -> tuple[Path, Path, dict]:
 
 
 def extract_args(images, ann, out, *more) -> list[str]:
-    return ["extract", "--detector", SPEC, "--images", images, "--annotations", ann, "--out", out,
-            "--workers", "0", "--writers", "0", "--block", "2", "--no-progress", *more]
+    return [
+        "extract",
+        "--detector",
+        SPEC,
+        "--images",
+        images,
+        "--annotations",
+        ann,
+        "--out",
+        out,
+        "--workers",
+        "0",
+        "--writers",
+        "0",
+        "--block",
+        "2",
+        "--no-progress",
+        *more,
+    ]
 
 
 # ------------------------------------------------------------------------------------- unwritable --out
@@ -114,17 +131,29 @@ def _can_unshare() -> bool:
     return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
 
 
+def unshare_error_line(script: str, timeout: int) -> str:
+    """Run ``sh -c SCRIPT`` in a private mount namespace; it must exit 2 with no traceback and one
+    ``error: ...`` line, which is returned."""
+    p = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=timeout,
+    )
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    return error_line(p.stderr)
+
+
 @pytest.mark.skipif(not _can_unshare(), reason="needs unshare -m (a private mount namespace)")
 def test_synth_on_a_real_read_only_mount(tmp_path):
     mnt = tmp_path / "ro"
     mnt.mkdir()
-    script = (f"mount -t tmpfs -o ro tmpfs {mnt} && {sys.executable} -m mfdetr synth {mnt}/out "
-              "--train 1 --val 0")
-    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
-                       env=subprocess_env(), timeout=300)
-    assert p.returncode == 2, p.stderr
-    assert "Traceback" not in p.stderr
-    assert "read-only file system" in error_line(p.stderr)
+    script = (
+        f"mount -t tmpfs -o ro tmpfs {mnt} && {sys.executable} -m mfdetr synth {mnt}/out --train 1 --val 0"
+    )
+    assert "read-only file system" in unshare_error_line(script, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------- device
@@ -180,11 +209,7 @@ def test_extract_on_a_really_full_disk(small, tmp_path):
     mnt.mkdir()
     args = extract_args(images, ann, mnt / "c.zarr", "--force")
     cmd = " ".join(map(str, [sys.executable, "-m", "mfdetr", *args]))
-    p = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=128k tmpfs {mnt} && {cmd}"],
-                       capture_output=True, text=True, env=subprocess_env(), timeout=600)
-    assert p.returncode == 2, p.stderr
-    assert "Traceback" not in p.stderr
-    line = error_line(p.stderr)
+    line = unshare_error_line(f"mount -t tmpfs -o size=128k tmpfs {mnt} && {cmd}", timeout=600)
     assert "disk full while writing the cache" in line and "more is needed" in line
 
 
@@ -227,8 +252,9 @@ def test_unmapped_categories_warning(small, tmp_path, monkeypatch, capsys):
 # ------------------------------------------------------------------------------------ image problems
 def test_large_image_is_not_called_broken(small, tmp_path, monkeypatch, capsys):
     images, ann = small
-    code, text = run_cli(["--max-image-pixels", "1000", *extract_args(images, ann, tmp_path / "c.zarr")],
-                         monkeypatch, capsys)
+    code, text = run_cli(
+        ["--max-image-pixels", "1000", *extract_args(images, ann, tmp_path / "c.zarr")], monkeypatch, capsys
+    )
     assert code == 2
     line = error_line(text)
     assert "is large (64x64 = 4,096 pixels), not broken" in line and "--max-image-pixels 4096" in line

@@ -63,3 +63,13 @@ def test_missing_and_invalid_toml(tmp_path: Path) -> None:
     bad.write_text("name = \n")
     with pytest.raises(MfdetrError, match="bad.toml"):
         load_config(Outer, bad)
+
+
+def test_train_config_from_an_ablation_inherits_its_base(tmp_path):
+    """`train-from-cache --config ablation.toml` sees the base file's [train] under the ablation's own."""
+    from mfdetr.train.config import build_train_config
+
+    (tmp_path / "base.toml").write_text("[train]\nlr = 1e-3\nepochs = 3\n[train.model]\nhead = 'mfdetr'\n")
+    (tmp_path / "abl.toml").write_text("base = 'base.toml'\n[train.model]\nhead = 'fcn'\n")
+    cfg = build_train_config(tmp_path / "abl.toml", ["epochs=2"])
+    assert (cfg.lr, cfg.epochs, cfg.model.head) == (1e-3, 2, "fcn")

@@ -79,8 +79,11 @@ def test_reader_drops_them_and_lists_them(tmp_path):
     anns = [ann([SQUARE]), ann([[1.0, 1.0, 9.0, 9.0]]), ann([]), ann([SQUARE], bbox=(3, 3, 0, 4))]
     for k, a in enumerate(anns):
         a["id"] = 10 + k
-    data = {"images": [{"id": 1, "file_name": "a.png", "height": H, "width": W}],
-            "categories": [{"id": 1, "name": "x"}], "annotations": anns}
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "height": H, "width": W}],
+        "categories": [{"id": 1, "name": "x"}],
+        "annotations": anns,
+    }
     (tmp_path / "ann.json").write_text(json.dumps(data))
     ds = CocoDataset(tmp_path / "ann.json", tmp_path)
     assert [aid for aid, _ in ds.degenerate] == [11, 12, 13]

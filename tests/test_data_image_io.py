@@ -25,8 +25,8 @@ def png_claiming(path, width: int, height: int) -> None:
     Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(path)
     raw = bytearray(path.read_bytes())
     ihdr = 8 + 8  # signature, then length + b"IHDR"
-    raw[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    raw[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr - 4:ihdr + 13])))
+    raw[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    raw[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr - 4 : ihdr + 13])))
     path.write_bytes(bytes(raw))
 
 

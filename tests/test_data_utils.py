@@ -20,8 +20,15 @@ from mfdetr.utils.progress import progress_bar
 
 def test_torchrun_env_parsed_once():
     assert torchrun_env({}) == TorchrunEnv(0, 1, 0, 1, None) and not torchrun_env({}).launched
-    env = torchrun_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                        "MASTER_ADDR": "127.0.0.1"})
+    env = torchrun_env(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+        }
+    )
     assert (env.rank, env.world, env.local_rank, env.local_world) == (3, 4, 1, 2)
     assert env.master_addr == "127.0.0.1"
     assert env.launched
@@ -72,8 +79,10 @@ def test_progress_bar_off_unless_a_terminal(monkeypatch):
 def test_level_dict_round_trip():
     levels = [LevelSpec("b4", 4, 32), LevelSpec("e8", 8, 256)]
     dicts = level_dicts(levels)
-    assert dicts == [{"name": "b4", "stride": 4, "channels": 32},
-                     {"name": "e8", "stride": 8, "channels": 256}]
+    assert dicts == [
+        {"name": "b4", "stride": 4, "channels": 32},
+        {"name": "e8", "stride": 8, "channels": 256},
+    ]
     assert [LevelSpec.from_dict(d) for d in dicts] == levels
     assert LevelSpec.from_dict({"name": "x", "stride": "16", "channels": 8.0}) == LevelSpec("x", 16, 8)
     assert level_dicts(dicts) == dicts and level_dicts(None) == []

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
 from mfdetr.detectors.registry import build_detector
+
+transformers = pytest.importorskip("transformers")
 
 H0, W0 = 120, 200
 BOX = (120, 40, 160, 70)  # x1, y1, x2, y2 in original pixels: a bright block
@@ -32,23 +32,60 @@ def _folder(tmp_path, kind):
     t = transformers
     torch.manual_seed(0)
     if kind == "detr_padded":
-        bb = t.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic",
-                            out_features=["stage4"])
-        model = t.DetrForObjectDetection(t.DetrConfig(
-            use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=bb, d_model=16, encoder_layers=1,
-            decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
-            decoder_ffn_dim=16, num_queries=5, id2label={0: "a"}))
+        bb = t.ResNetConfig(
+            embedding_size=8,
+            hidden_sizes=[8, 16, 32, 64],
+            depths=[1, 1, 1, 1],
+            layer_type="basic",
+            out_features=["stage4"],
+        )
+        model = t.DetrForObjectDetection(
+            t.DetrConfig(
+                use_timm_backbone=False,
+                use_pretrained_backbone=False,
+                backbone_config=bb,
+                d_model=16,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=16,
+                decoder_ffn_dim=16,
+                num_queries=5,
+                id2label={0: "a"},
+            )
+        )
         # aspect-preserving resize (shortest edge 96 -> 96 x 160) then bottom-right padding to 128 x 192
-        proc = t.DetrImageProcessor(size={"shortest_edge": 96, "longest_edge": 400}, do_pad=True,
-                                    pad_size={"height": 128, "width": 192})
+        proc = t.DetrImageProcessor(
+            size={"shortest_edge": 96, "longest_edge": 400},
+            do_pad=True,
+            pad_size={"height": 128, "width": 192},
+        )
     else:
-        bb = t.RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
-                                  layer_type="basic", out_indices=[2, 3, 4])
-        model = t.RTDetrForObjectDetection(t.RTDetrConfig(
-            backbone_config=bb, encoder_in_channels=[16, 32, 64], encoder_hidden_dim=16, d_model=16,
-            decoder_in_channels=[16, 16, 16], encoder_ffn_dim=16, decoder_ffn_dim=16, decoder_layers=1,
-            encoder_attention_heads=2, decoder_attention_heads=2, num_queries=5, num_denoising=0,
-            id2label={0: "a"}))
+        bb = t.RTDetrResNetConfig(
+            embedding_size=8,
+            hidden_sizes=[8, 16, 32, 64],
+            depths=[1, 1, 1, 1],
+            layer_type="basic",
+            out_indices=[2, 3, 4],
+        )
+        model = t.RTDetrForObjectDetection(
+            t.RTDetrConfig(
+                backbone_config=bb,
+                encoder_in_channels=[16, 32, 64],
+                encoder_hidden_dim=16,
+                d_model=16,
+                decoder_in_channels=[16, 16, 16],
+                encoder_ffn_dim=16,
+                decoder_ffn_dim=16,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                num_queries=5,
+                num_denoising=0,
+                id2label={0: "a"},
+            )
+        )
         # non-uniform fixed resize: sx = 160/200 = 0.8, sy = 64/120 = 0.533
         proc = t.RTDetrImageProcessor(size={"height": 64, "width": 160})
     folder = tmp_path / kind
@@ -83,8 +120,22 @@ def test_object_lands_on_its_feature_cells(tmp_path, kind, expect_in):
         # receptive field margin (in cells) of a tiny ResNet up to this stage: changes stay near the box
         margin = 48 / s
         ys, xs = torch.nonzero(changed, as_tuple=True)
-        assert xs.min() >= cx1 - margin and xs.max() <= cx2 + margin, (kind, lv.name, xs.min(), xs.max(), cx1, cx2)
-        assert ys.min() >= cy1 - margin and ys.max() <= cy2 + margin, (kind, lv.name, ys.min(), ys.max(), cy1, cy2)
+        assert xs.min() >= cx1 - margin and xs.max() <= cx2 + margin, (
+            kind,
+            lv.name,
+            xs.min(),
+            xs.max(),
+            cx1,
+            cx2,
+        )
+        assert ys.min() >= cy1 - margin and ys.max() <= cy2 + margin, (
+            kind,
+            lv.name,
+            ys.min(),
+            ys.max(),
+            cy1,
+            cy2,
+        )
         # and the response is centred on the box (weighted centroid within 1.5 cells of the box centre)
         yy, xx = torch.meshgrid(torch.arange(diff.shape[0]), torch.arange(diff.shape[1]), indexing="ij")
         w = diff / diff.sum()
@@ -108,15 +159,18 @@ def test_boxes_come_back_in_original_pixels():
 
     if not shapes_available():
         pytest.skip("shipped shapes weights absent (python tools/train_shapes_detector.py makes them)")
-    from mfdetr.data.synth_shapes import CATEGORIES, render_image
     from torchvision.ops import box_iou
+
+    from mfdetr.data.synth_shapes import CATEGORIES, render_image
 
     det = build_detector("shapes", categories=[{"id": i + 1, "name": n} for i, n in enumerate(CATEGORIES)])
     hits = total = 0
     for index in range(6):
         img, instances = render_image(9876, "val", index, 192)
         im = torch.from_numpy(img).permute(2, 0, 1).contiguous()
-        big = torch.nn.functional.interpolate(im[None].float(), size=(288, 384), mode="nearest")[0].to(torch.uint8)
+        big = torch.nn.functional.interpolate(im[None].float(), size=(288, 384), mode="nearest")[0].to(
+            torch.uint8
+        )
         (o,) = det.detect([big])
         assert o.scale == pytest.approx((192 / 384, 192 / 288))
         for inst in instances:

@@ -14,11 +14,26 @@ from typer.testing import CliRunner  # noqa: E402
 
 from mfdetr.cli import app  # noqa: E402
 from tests.hf_tiny import save_tiny  # noqa: E402
+from tests.tiny_cache import extract_args  # noqa: E402
+from tests.tiny_train import fast_train_flags  # noqa: E402
 
 # one config per class (+ the timm-backbone DETR / Deformable DETR a real checkpoint uses)
-E2E = ["detr", "detr_timm", "conditional_detr", "dab_detr", "table_transformer", "deformable_detr_two_stage",
-       "deformable_detr_timm", "rt_detr", "rt_detr_v2", "d_fine", "deimv2", "lw_detr", "rf_detr",
-       "rf_detr_seg"]
+E2E = [
+    "detr",
+    "detr_timm",
+    "conditional_detr",
+    "dab_detr",
+    "table_transformer",
+    "deformable_detr_two_stage",
+    "deformable_detr_timm",
+    "rt_detr",
+    "rt_detr_v2",
+    "d_fine",
+    "deimv2",
+    "lw_detr",
+    "rf_detr",
+    "rf_detr_seg",
+]
 
 
 @pytest.fixture(scope="session")
@@ -40,19 +55,30 @@ def test_extract_verify_train_evaluate(name, synth_split, tmp_path, one_thread):
     images, ann = synth_split
     folder = save_tiny(name, tmp_path / name)
     cache = str(tmp_path / "train.zarr")
-    _cli("extract", "--detector", f"hf:{folder}", "--images", str(images), "--annotations", str(ann),
-         "--out", cache, "--topk", "6", "--block", "4", "--mask-size", "16", "--batch-size", "4",
-         "--workers", "0", "--writers", "0", "--no-progress")
+    flags = dict(topk=6, block=4, batch_size=4, writers=0, extra=["--mask-size", "16"])
+    _cli(*extract_args(images, ann, cache, detector=f"hf:{folder}", **flags))
     _cli("cache", "verify", cache)
     run = tmp_path / "run"
-    _cli("train-from-cache", "--cache", cache, "--out", str(run), "--epochs", "1", "--batch-size", "4",
-         "--workers", "0", "--device", "cpu", "--threads", "1", "--no-progress",
-         "--set", "model.dim=16", "--set", "model.box_dim=8", "--set", "model.roi_size=8",
-         "--set", "loss.num_points=64", "--set", "warmup_iters=1")
+    _cli("train-from-cache", "--cache", cache, "--out", str(run), "--epochs", "1", *fast_train_flags())
     ckpt = run / "checkpoints" / "last.pt"
     assert ckpt.is_file()
     out = tmp_path / "eval"
-    _cli("evaluate", "--cache", cache, "--checkpoint", str(ckpt), "--annotations", str(ann),
-         "--out", str(out), "--batch-size", "4", "--workers", "0", "--device", "cpu")
+    _cli(
+        "evaluate",
+        "--cache",
+        cache,
+        "--checkpoint",
+        str(ckpt),
+        "--annotations",
+        str(ann),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary  # COCOeval ran on our masks for this detector's boxes

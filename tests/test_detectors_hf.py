@@ -10,33 +10,44 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
-import textwrap
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mfdetr.detectors.base import DetectorOutput, FrozenDetector, LevelSpec  # noqa: E402
+from mfdetr.detectors.base import DetectorOutput, FrozenDetector  # noqa: E402
 from mfdetr.detectors.hf_features import backbone_module, backbone_output_maps  # noqa: E402
 from mfdetr.detectors.registry import build_detector  # noqa: E402
 from mfdetr.errors import MfdetrError  # noqa: E402
 from tests.hf_tiny import ALL, CLASSES, QUERIES, WIDTH, save_tiny  # noqa: E402
 
-CATEGORIES = [{"id": 11, "name": "disc"}, {"id": 12, "name": "square"}, {"id": 13, "name": "Big_Triangle"},
-              {"id": 14, "name": "star"}]
+CATEGORIES = [
+    {"id": 11, "name": "disc"},
+    {"id": 12, "name": "square"},
+    {"id": 13, "name": "Big_Triangle"},
+    {"id": 14, "name": "star"},
+]
 _CNN = ["b4", "b8", "b16", "b32"]
 # the levels each family offers (README table); tiny configs: LW-DETR's projector at scales 2 and 0.5
 LEVELS = {
-    "detr": _CNN + ["e32"], "conditional_detr": _CNN + ["e32"], "dab_detr": _CNN + ["e32"],
-    "table_transformer": _CNN + ["e32"], "detr_timm": ["b2"] + _CNN + ["e32"],
-    **{n: _CNN + ["e8", "e16", "e32", "e64"] for n in ("deformable_detr", "deformable_detr_refine",
-                                                        "deformable_detr_two_stage")},
+    "detr": _CNN + ["e32"],
+    "conditional_detr": _CNN + ["e32"],
+    "dab_detr": _CNN + ["e32"],
+    "table_transformer": _CNN + ["e32"],
+    "detr_timm": ["b2"] + _CNN + ["e32"],
+    **{
+        n: _CNN + ["e8", "e16", "e32", "e64"]
+        for n in ("deformable_detr", "deformable_detr_refine", "deformable_detr_two_stage")
+    },
     "deformable_detr_timm": ["b2"] + _CNN + ["e8", "e16", "e32", "e64"],
-    **{n: _CNN + ["e8", "e16", "e32"]
-       for n in ("rt_detr", "rt_detr_v2", "d_fine", "d_fine_hgnetv2", "deimv2")},
-    "lw_detr": ["b16", "e8", "e32"], "rf_detr": ["b16", "e16"], "rf_detr_seg": ["b16", "e16"],
+    **{
+        n: _CNN + ["e8", "e16", "e32"]
+        for n in ("rt_detr", "rt_detr_v2", "d_fine", "d_fine_hgnetv2", "deimv2")
+    },
+    "lw_detr": ["b16", "e8", "e32"],
+    "rf_detr": ["b16", "e16"],
+    "rf_detr_seg": ["b16", "e16"],
 }
 
 
@@ -49,8 +60,10 @@ def hf_folders(tmp_path_factory):
 
 def _images():
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 256, (3, 70, 90), generator=g, dtype=torch.uint8),
-            torch.randint(0, 256, (3, 50, 41), generator=g, dtype=torch.uint8)]
+    return [
+        torch.randint(0, 256, (3, 70, 90), generator=g, dtype=torch.uint8),
+        torch.randint(0, 256, (3, 50, 41), generator=g, dtype=torch.uint8),
+    ]
 
 
 def _reference(folder, name, image, k):
@@ -183,9 +196,16 @@ def test_rt_detr_without_focal_loss_ranks_like_its_processor(tmp_path, one_threa
 def test_a_model_lacking_what_the_mask_network_needs_is_a_clear_error(tmp_path):
     # YOLOS: an object-detection head whose last_hidden_state is the ViT's whole token sequence (no decoder)
     folder = tmp_path / "yolos"
-    cfg = transformers.YolosConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=16, image_size=[32, 32], patch_size=16,
-                                   num_detection_tokens=4, id2label={0: "disc"})
+    cfg = transformers.YolosConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        image_size=[32, 32],
+        patch_size=16,
+        num_detection_tokens=4,
+        id2label={0: "disc"},
+    )
     transformers.YolosForObjectDetection(cfg).save_pretrained(folder)
     transformers.YolosImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}).save_pretrained(folder)
     with pytest.raises(MfdetrError, match="YolosForObjectDetection.*last_hidden_state has .* rows"):
@@ -298,25 +318,14 @@ def test_bad_images_rejected(hf_folders):
         det.detect([torch.zeros((1, 20, 20), dtype=torch.uint8)])
 
 
-# ------------------------------------------------------------------------------------------- registry errors
-
-
-def test_unknown_spec_lists_supported():
-    with pytest.raises(MfdetrError) as e:
-        build_detector("yolo:foo")
-    msg = str(e.value)
-    for s in ("hf:PATH", "shapes", "py:module:function", "DetrForObjectDetection", "RTDetrV2ForObjectDetection",
-              "DFineForObjectDetection", "DeformableDetrForObjectDetection", "ConditionalDetrForObjectDetection"):
-        assert s in msg
-
-
 def test_hf_folder_errors(tmp_path, hf_folders):
     with pytest.raises(MfdetrError, match="not found"):
         build_detector(f"hf:{tmp_path / 'nope'}")
     bad = tmp_path / "bert"
     bad.mkdir()
-    transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                            intermediate_size=8).save_pretrained(bad)
+    transformers.BertConfig(
+        hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8
+    ).save_pretrained(bad)
     with pytest.raises(MfdetrError, match="not supported.*RTDetrForObjectDetection"):
         build_detector(f"hf:{bad}")
     timm_cfg = tmp_path / "timm_detr"
@@ -335,84 +344,3 @@ def test_hf_folder_errors(tmp_path, hf_folders):
     (noweights / "config.json").write_text((hf_folders["rt_detr"] / "config.json").read_text())
     with pytest.raises(MfdetrError, match="no weight file"):
         build_detector(f"hf:{noweights}")
-
-
-# ------------------------------------------------------------------------------------------- py: factories
-
-FACTORY_SRC = textwrap.dedent(
-    """
-    import torch
-    from mfdetr.detectors.base import DetectorOutput, LevelSpec
-
-    class Dummy:
-        def __init__(self, topk=3, device="cpu"):
-            self.spec = "dummy"
-            self.levels = [LevelSpec("e8", 8, 4)]
-            self.query_dim = 5
-            self.fingerprint = "dummy-%d" % topk
-            self.device = torch.device(device)
-            self.topk = topk
-
-        def input_size(self, orig_size):
-            return tuple(orig_size)
-
-        def to(self, device):
-            self.device = torch.device(device)
-            return self
-
-        def detect(self, images):
-            outs = []
-            for im in images:
-                h, w = im.shape[-2:]
-                k = self.topk
-                outs.append(DetectorOutput(
-                    boxes=torch.tensor([[0.0, 0.0, w / 2, h / 2]]).repeat(k, 1), scores=torch.linspace(1, 0.5, k),
-                    labels=torch.ones(k, dtype=torch.int64), queries=torch.zeros(k, 5),
-                    features={"e8": torch.zeros(4, -(-h // 8), -(-w // 8))}, scale=(1.0, 1.0),
-                    input_size=(h, w), orig_size=(h, w)))
-            return outs
-
-    def build(topk=3, device="cpu"):
-        return Dummy(topk=topk, device=device)
-
-    def build_nothing():
-        return object()
-
-    def build_bad_levels():
-        d = Dummy()
-        d.levels = ["e8"]
-        return d
-    """
-)
-
-
-@pytest.fixture()
-def factory_module(tmp_path, monkeypatch):
-    (tmp_path / "mfdetr_test_factory.py").write_text(FACTORY_SRC)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "mfdetr_test_factory"
-    sys.modules.pop("mfdetr_test_factory", None)
-
-
-def test_py_factory(factory_module):
-    det = build_detector(f"py:{factory_module}:build", topk=4)
-    assert isinstance(det, FrozenDetector)
-    assert det.spec == f"py:{factory_module}:build"
-    assert det.fingerprint == "dummy-4" and det.levels == [LevelSpec("e8", 8, 4)]
-    (o,) = det.detect([torch.zeros((3, 30, 40), dtype=torch.uint8)])
-    assert o.boxes.shape == (4, 4)
-
-
-@pytest.mark.parametrize(
-    "spec, match",
-    [
-        ("py:{m}:build_nothing", "not a FrozenDetector"),
-        ("py:{m}:build_bad_levels", "LevelSpec"),
-        ("py:{m}:missing", "no callable"),
-        ("py:no_such_module_xyz:build", "cannot import"),
-        ("py:{m}", "py:module:function"),
-    ],
-)
-def test_py_factory_errors(factory_module, spec, match):
-    with pytest.raises(MfdetrError, match=match):
-        build_detector(spec.format(m=factory_module))

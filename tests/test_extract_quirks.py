@@ -12,12 +12,12 @@ import torch
 from mfdetr.cache.inspect import cache_info, verify
 from mfdetr.cache.reader import CacheDataset
 from mfdetr.data.coco import CocoDataset
-from mfdetr.extract.loop import ExtractOptions, extract
 from mfdetr.errors import MfdetrError
+from mfdetr.extract.loop import ExtractOptions
 from mfdetr.extract.matching import compute_targets, unpack_masks
-
 from tests.coco_fixture import make_bad_coco, make_quirky_coco
 from tests.fake_detector import FakeDetector
+from tests.tiny_cache import extract_into, sample_gt
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -55,8 +55,7 @@ def test_quirky_dataset_extracts_and_crowd_is_never_a_target(tmp_path):
     ann, root = make_quirky_coco(tmp_path / "q")
     ds = CocoDataset(ann, root)
     det = OracleDetector(ds, topk=8)
-    res = extract(det, root, ann, out=str(tmp_path / "c.zarr"), opts=ExtractOptions(topk=8, block=3), workers=0,
-                  progress=False)
+    res = extract_into(det, root, ann, tmp_path / "c.zarr", ExtractOptions(topk=8, block=3))
     assert res.images_done == len(ds) == 9 and not res.bad
     data = json.loads(Path(ann).read_text())
     crowd = {a["id"] for a in data["annotations"] if a.get("iscrowd")}
@@ -71,8 +70,7 @@ def test_quirky_dataset_extracts_and_crowd_is_never_a_target(tmp_path):
         ids = set(r["match_ann_id"].tolist()) - {-1}
         assert not ids & crowd
         matched |= ids
-        gt = {"boxes": s.boxes, "labels": s.labels, "iscrowd": s.iscrowd, "ann_ids": s.ann_ids, "masks": s.masks,
-              "orig_size": tuple(s.image.shape[1:])}
+        gt = sample_gt(s)
         t = compute_targets(r["boxes"], r["labels"], r["scores"], r["num_boxes"], gt, "iou", 0.5, 64)
         assert np.array_equal(r["match_ann_id"].numpy(), t["match_ann_id"])
         assert np.array_equal(r["mask_targets"].numpy(), unpack_masks(t["mask_targets"], 64))
@@ -82,11 +80,15 @@ def test_quirky_dataset_extracts_and_crowd_is_never_a_target(tmp_path):
     assert verify(res.path) == []
 
 
+def _extract_bad(ds, root, ann, tmp_path, **kw):
+    det = FakeDetector(categories=ds.categories, topk=6)
+    return extract_into(det, root, ann, tmp_path / "c.zarr", ExtractOptions(topk=6, block=2), **kw)
+
+
 def test_bad_images_skipped_with_skip_bad(tmp_path):
     ann, root, _ = make_bad_coco(tmp_path / "b", "missing_file", "truncated_png", "size_mismatch")
     ds = CocoDataset(ann, root)
-    res = extract(FakeDetector(categories=ds.categories, topk=6), root, ann, out=str(tmp_path / "c.zarr"),
-                  opts=ExtractOptions(topk=6, block=2), workers=2, skip_bad=True, progress=False)
+    res = _extract_bad(ds, root, ann, tmp_path, workers=2, skip_bad=True)
     assert sorted(i for i, _ in res.bad) == [3, 10, 11] and res.images_bad == 3
     assert any("gray.png" in r for _, r in res.bad)
     assert res.images_done == 9  # bad images are done too (flagged), so a re-run does nothing
@@ -95,8 +97,7 @@ def test_bad_images_skipped_with_skip_bad(tmp_path):
     cache = CacheDataset(res.path)
     assert cache.image_ids == [7, 25, 40, 41, 55, 100]
     assert verify(res.path) == []
-    again = extract(FakeDetector(categories=ds.categories, topk=6), root, ann, out=str(tmp_path / "c.zarr"),
-                    opts=ExtractOptions(topk=6, block=2), workers=0, skip_bad=True, progress=False)
+    again = _extract_bad(ds, root, ann, tmp_path, skip_bad=True)
     assert again.reused and again.images_bad == 3 and again.bad == []
 
 
@@ -105,7 +106,6 @@ def test_bad_image_without_skip_bad_is_a_clear_error(tmp_path, workers):
     ann, root, must = make_bad_coco(tmp_path / "b", "missing_file")
     ds = CocoDataset(ann, root)
     with pytest.raises(MfdetrError) as e:
-        extract(FakeDetector(categories=ds.categories, topk=6), root, ann, out=str(tmp_path / "c.zarr"),
-                opts=ExtractOptions(topk=6, block=2), workers=workers, progress=False)
+        _extract_bad(ds, root, ann, tmp_path, workers=workers)
     msg = str(e.value)
     assert all(m in msg for m in must) and "Traceback" not in msg

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from mfdetr.cache.reader import CacheDataset
-from mfdetr.extract.loop import ExtractOptions, extract
-from tests.fake_detector import REPO_ROOT, SPEC, make_small_synth, subprocess_env, tree_bytes
+from mfdetr.extract.loop import ExtractOptions
+from tests.fake_detector import make_small_synth
+from tests.tiny_cache import assert_same_tree, done_mask, extract_cmd, fake_extract, kill_mid_run
 
 N, BLOCK, TOPK, BATCH = 16, 2, 10, 2
 
 
 def _cli(images, ann, out):
-    return [sys.executable, "-m", "mfdetr", "extract", "--detector", SPEC, "--images", str(images), "--annotations",
-            str(ann), "--out", str(out), "--topk", str(TOPK), "--block", str(BLOCK), "--batch-size", str(BATCH),
-            "--workers", "1", "--writers", "1", "--no-progress"]
+    return extract_cmd(images, ann, out, topk=TOPK, block=BLOCK, batch_size=BATCH, workers=1, writers=1)
 
 
 def _procs_mentioning(text: str) -> list[int]:
@@ -38,55 +33,35 @@ def _procs_mentioning(text: str) -> list[int]:
     return pids
 
 
-def _done(out: Path) -> np.ndarray:
-    try:
-        return np.asarray(zarr.open_group(str(out), mode="r")["done"][:], bool)
-    except Exception:
-        return np.zeros(N, bool)
-
-
 def test_sigkill_then_resume_gives_the_same_bytes(tmp_path):
     images, ann = make_small_synth(tmp_path / "data", n=N, size=96, seed=2)
     opts = ExtractOptions(topk=TOPK, block=BLOCK)
-    ref = extract(SPEC, images, ann, out=str(tmp_path / "ref.zarr"), opts=opts, batch_size=BATCH, workers=0,
-                  progress=False)
+    ref = fake_extract(images, ann, tmp_path / "ref.zarr", opts, batch_size=BATCH)
     assert ref.images_done == N
 
     out = tmp_path / "killed.zarr"
     # slow detector: ~0.25 s per image, so the run takes ~4 s after start-up
-    proc = subprocess.Popen(_cli(images, ann, out), cwd=REPO_ROOT, env=subprocess_env(MFDETR_FAKE_SLEEP="0.25"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and _done(out).sum() < 2 * BLOCK and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(0.3)  # now somewhere inside a later block: detector, matching or a Zarr write
-        assert proc.poll() is None, "the extract finished before it could be killed: " + proc.stdout.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_mid_run(_cli(images, ann, out), out, N, min_done=2 * BLOCK, sleep="0.25", settle=0.3)
     # no orphan (DataLoader worker, writer process) outlives the killed extract
     deadline = time.time() + 10
     while _procs_mentioning(str(out)) and time.time() < deadline:
         time.sleep(0.1)
     assert _procs_mentioning(str(out)) == []
-    done = _done(out)
+    done = done_mask(out, N)
     assert 2 * BLOCK <= done.sum() < N
     # blocks are all-or-nothing, and a reader sees exactly the done images
-    assert all(done[b * BLOCK:(b + 1) * BLOCK].all() or not done[b * BLOCK:(b + 1) * BLOCK].any()
-               for b in range(N // BLOCK))
+    assert all(
+        done[b * BLOCK : (b + 1) * BLOCK].all() or not done[b * BLOCK : (b + 1) * BLOCK].any()
+        for b in range(N // BLOCK)
+    )
     partial = CacheDataset(out)
     assert list(partial.positions) == list(np.flatnonzero(done))
     assert partial[0]["image_id"] == CacheDataset(ref.path)[0]["image_id"]
 
-    res = extract(SPEC, images, ann, out=str(out), opts=opts, batch_size=BATCH, workers=0, progress=False)
+    res = fake_extract(images, ann, out, opts, batch_size=BATCH)
     assert not res.reused and res.images_written == N - done.sum() and res.images_done == N
     assert res.fingerprint == ref.fingerprint
-    a, b = tree_bytes(ref.path), tree_bytes(out)
-    assert sorted(a) == sorted(b)
-    assert [k for k in a if a[k] != b[k]] == []
+    assert_same_tree(ref.path, out)
 
 
 def test_interrupted_creation_is_completed(tmp_path, monkeypatch):
@@ -95,8 +70,7 @@ def test_interrupted_creation_is_completed(tmp_path, monkeypatch):
 
     images, ann = make_small_synth(tmp_path / "data", n=4, size=96, seed=3)
     opts = ExtractOptions(topk=TOPK, block=BLOCK)
-    ref = extract(SPEC, images, ann, out=str(tmp_path / "ref.zarr"), opts=opts, batch_size=BATCH, workers=0,
-                  progress=False)
+    ref = fake_extract(images, ann, tmp_path / "ref.zarr", opts, batch_size=BATCH)
     real = w._create_array
     calls = []
 
@@ -109,14 +83,12 @@ def test_interrupted_creation_is_completed(tmp_path, monkeypatch):
     monkeypatch.setattr(w, "_create_array", dying)
     out = tmp_path / "c.zarr"
     with pytest.raises(KeyboardInterrupt):
-        extract(SPEC, images, ann, out=str(out), opts=opts, batch_size=BATCH, workers=0, progress=False)
+        fake_extract(images, ann, out, opts, batch_size=BATCH)
     monkeypatch.setattr(w, "_create_array", real)
     with pytest.raises(MfdetrError, match="not an mfdetr cache"):
         CacheDataset(out)  # half-created: readers refuse it
     with pytest.raises(MfdetrError, match="interrupted creation of another cache"):
-        extract(SPEC, images, ann, out=str(out), opts=ExtractOptions(topk=TOPK + 1, block=BLOCK), batch_size=BATCH,
-                workers=0, progress=False)
-    res = extract(SPEC, images, ann, out=str(out), opts=opts, batch_size=BATCH, workers=0, progress=False)
+        fake_extract(images, ann, out, ExtractOptions(topk=TOPK + 1, block=BLOCK), batch_size=BATCH)
+    res = fake_extract(images, ann, out, opts, batch_size=BATCH)
     assert res.images_done == 4
-    a, b = tree_bytes(ref.path), tree_bytes(out)
-    assert [k for k in a if a[k] != b.get(k)] == [] and sorted(a) == sorted(b)
+    assert_same_tree(ref.path, out)

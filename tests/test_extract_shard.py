@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mfdetr.extract.loop import ExtractOptions, extract, parse_shard
 from mfdetr.errors import MfdetrError
-
-from tests.fake_detector import REPO_ROOT, SPEC, make_small_synth, subprocess_env, tree_bytes
+from mfdetr.extract.loop import ExtractOptions, parse_shard
+from tests.fake_detector import REPO_ROOT, make_small_synth, subprocess_env, tree_bytes
+from tests.tiny_cache import assert_same_tree, extract_args, fake_extract, python_m_mfdetr
 
 N, BLOCK, TOPK = 12, 2, 10
 
@@ -23,14 +23,12 @@ N, BLOCK, TOPK = 12, 2, 10
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("shard")
     images, ann = make_small_synth(root / "data", n=N, size=96, seed=4)
-    ref = extract(SPEC, images, ann, out=str(root / "ref.zarr"), opts=ExtractOptions(topk=TOPK, block=BLOCK),
-                  batch_size=2, workers=0, progress=False)
+    ref = fake_extract(images, ann, root / "ref.zarr", ExtractOptions(topk=TOPK, block=BLOCK))
     return root, images, ann, ref
 
 
 def _args(images, ann, out):
-    return ["extract", "--detector", SPEC, "--images", str(images), "--annotations", str(ann), "--out", str(out),
-            "--topk", str(TOPK), "--block", str(BLOCK), "--batch-size", "2", "--workers", "0", "--no-progress"]
+    return extract_args(images, ann, out, topk=TOPK, block=BLOCK)
 
 
 def test_parse_shard():
@@ -43,9 +41,16 @@ def test_parse_shard():
 def test_two_concurrent_shard_jobs_equal_one_process(setup):
     root, images, ann, ref = setup
     out = root / "sharded.zarr"
-    procs = [subprocess.Popen([sys.executable, "-m", "mfdetr", *_args(images, ann, out), "--shard", f"{i}/2"],
-                              cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            python_m_mfdetr([*_args(images, ann, out), "--shard", f"{i}/2"]),
+            cwd=REPO_ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
     try:
         logs = [p.communicate(timeout=240)[0].decode() for p in procs]
     finally:
@@ -54,28 +59,33 @@ def test_two_concurrent_shard_jobs_equal_one_process(setup):
                 p.kill()
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0], logs
-    a, b = tree_bytes(ref.path), tree_bytes(out)
-    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    assert_same_tree(ref.path, out)
+    a = tree_bytes(ref.path)
     # in-process shards too (and a shard whose blocks are all done does nothing)
     out2 = root / "sharded2.zarr"
     for i in (1, 0):
-        r = extract(SPEC, images, ann, out=str(out2), opts=ExtractOptions(topk=TOPK, block=BLOCK), batch_size=2,
-                    workers=0, shard=(i, 2), progress=False)
+        r = fake_extract(images, ann, out2, ExtractOptions(topk=TOPK, block=BLOCK), shard=(i, 2))
         assert r.images_written == N // 2
-    assert extract(SPEC, images, ann, out=str(out2), opts=ExtractOptions(topk=TOPK, block=BLOCK), batch_size=2,
-                   workers=0, shard=(0, 2), progress=False).reused
+    assert fake_extract(images, ann, out2, ExtractOptions(topk=TOPK, block=BLOCK), shard=(0, 2)).reused
     a2 = tree_bytes(out2)
     assert [k for k in a if a[k] != a2.get(k)] == []
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun"
+)
 def test_torchrun_ranks_equal_one_process(setup):
     root, images, ann, ref = setup
     out = root / "torchrun.zarr"
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    p = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "mfdetr", *_args(images, ann, out)],
-                         cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "mfdetr", *_args(images, ann, out)],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         log = p.communicate(timeout=240)[0].decode()
     finally:
@@ -84,8 +94,7 @@ def test_torchrun_ranks_equal_one_process(setup):
             p.wait()
     assert p.returncode == 0, log
     assert "rank 0 of 2" in log
-    a, b = tree_bytes(ref.path), tree_bytes(out)
-    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    assert_same_tree(ref.path, out)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # warnings.catch_warnings is not thread-safe
@@ -101,14 +110,19 @@ def test_concurrent_creation_never_fails_or_loses_metadata(setup, tmp_path):
 
     root, images, ann, ref = setup
     ds = CocoDataset(ann, images)
-    meta = build_meta(FakeDetector(categories=ds.categories, topk=TOPK), ds, images, ann,
-                      ExtractOptions(topk=TOPK, block=BLOCK))
+    meta = build_meta(
+        FakeDetector(categories=ds.categories, topk=TOPK),
+        ds,
+        images,
+        ann,
+        ExtractOptions(topk=TOPK, block=BLOCK),
+    )
     for trial in range(4):
         path = str(tmp_path / f"race{trial}.zarr")
         start = threading.Barrier(6)
         errors = []
 
-        def go():
+        def go(start=start, path=path, errors=errors):
             start.wait()
             try:
                 create_or_open(path, meta, create=True)

@@ -103,7 +103,7 @@ def test_no_import_cycle(graph):
         stack.append(m)
         for t in sorted(edges[m]):
             if state.get(t) == 1:
-                cycles.append(stack[stack.index(t):] + [t])
+                cycles.append(stack[stack.index(t) :] + [t])
             elif t not in state:
                 visit(t)
         stack.pop()

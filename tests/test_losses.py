@@ -20,7 +20,6 @@ from mfdetr.model.losses import (
     uncertain_points,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -98,8 +97,11 @@ def test_point_loss_with_every_cell_centre_equals_dense():
     torch.manual_seed(0)
     bce_s, dice_s = mask_loss(logits, targets, LossConfig(num_points=20000, importance_sample_ratio=0.0))
     up = resize_logits(logits, 64)
-    bce_fine, _ = mask_loss(up, F.interpolate(targets[:, None].double(), size=(64, 64), mode="nearest")[:, 0] > 0.5,
-                            LossConfig(mask_loss="dense"))
+    bce_fine, _ = mask_loss(
+        up,
+        F.interpolate(targets[:, None].double(), size=(64, 64), mode="nearest")[:, 0] > 0.5,
+        LossConfig(mask_loss="dense"),
+    )
     assert abs(float(bce_s) - float(bce_fine)) < 0.03
 
 
@@ -185,8 +187,15 @@ def test_compute_losses_uses_matched_boxes_for_masks_and_zero_iou_for_unmatched(
 
 def test_empty_selection_gives_a_zero_loss_with_a_graph():
     logits = torch.zeros(0, 8, 8, requires_grad=True)
-    out = {"mask_logits": logits, "iou_logit": torch.zeros(0, requires_grad=True),
-           "iou_pred": torch.zeros(0), "rows": torch.zeros(0, 2, dtype=torch.long)}
-    batch = {"match_ann_id": torch.full((1, 2), -1), "mask_targets": torch.zeros(1, 2, 8, 8, dtype=torch.bool)}
+    out = {
+        "mask_logits": logits,
+        "iou_logit": torch.zeros(0, requires_grad=True),
+        "iou_pred": torch.zeros(0),
+        "rows": torch.zeros(0, 2, dtype=torch.long),
+    }
+    batch = {
+        "match_ann_id": torch.full((1, 2), -1),
+        "mask_targets": torch.zeros(1, 2, 8, 8, dtype=torch.bool),
+    }
     total, parts = compute_losses(out, batch, LossConfig())
     assert float(total.detach()) == 0.0 and total.requires_grad and parts["num_masks"] == 0

@@ -98,10 +98,12 @@ def test_hungarian_is_optimal_one_to_one(seed):
     pl = rng.integers(1, 4, k)
     ps = rng.uniform(0.1, 1.0, k)
     size = (100, 120)
-    gi, iou = match_boxes(pred, gt, None, "hungarian", 0.0, pred_labels=pl, pred_scores=ps, gt_labels=gl,
-                          image_size=size)
-    cost = hungarian_cost(torch.tensor(pred), torch.tensor(pl), torch.tensor(ps), torch.tensor(gt),
-                          torch.tensor(gl), size).numpy()
+    gi, iou = match_boxes(
+        pred, gt, None, "hungarian", 0.0, pred_labels=pl, pred_scores=ps, gt_labels=gl, image_size=size
+    )
+    cost = hungarian_cost(
+        torch.tensor(pred), torch.tensor(pl), torch.tensor(ps), torch.tensor(gt), torch.tensor(gl), size
+    ).numpy()
     best = min(sum(cost[p, j] for j, p in enumerate(perm)) for perm in itertools.permutations(range(k), g))
     got_pairs = [(r, int(c)) for r, c in enumerate(gi) if c >= 0]
     assert len(got_pairs) == sum(1 for r, c in got_pairs if iou[r] > 0)  # every kept pair overlaps
@@ -109,8 +111,9 @@ def test_hungarian_is_optimal_one_to_one(seed):
     if len(got_pairs) == g:  # nothing dropped for IoU 0: the assignment is optimal
         assert sum(cost[r, c] for r, c in got_pairs) == pytest.approx(best, abs=1e-9)
     # with a threshold, only pairs with IoU >= threshold survive
-    gi2, iou2 = match_boxes(pred, gt, None, "hungarian", 0.5, pred_labels=pl, pred_scores=ps, gt_labels=gl,
-                            image_size=size)
+    gi2, iou2 = match_boxes(
+        pred, gt, None, "hungarian", 0.5, pred_labels=pl, pred_scores=ps, gt_labels=gl, image_size=size
+    )
     assert ((iou2 >= 0.5) | (gi2 == -1)).all()
     assert set(np.flatnonzero(gi2 >= 0)) <= set(np.flatnonzero(gi >= 0))
 
@@ -118,8 +121,17 @@ def test_hungarian_is_optimal_one_to_one(seed):
 def test_hungarian_never_matches_crowd():
     gt = np.array([[10.0, 10, 50, 50], [60, 60, 90, 90]])
     pred = np.array([[60.0, 60, 90, 90], [10, 10, 50, 50]])
-    gi, _ = match_boxes(pred, gt, [False, True], "hungarian", 0.5, pred_labels=[1, 1], pred_scores=[0.9, 0.8],
-                        gt_labels=[1, 1], image_size=(100, 100))
+    gi, _ = match_boxes(
+        pred,
+        gt,
+        [False, True],
+        "hungarian",
+        0.5,
+        pred_labels=[1, 1],
+        pred_scores=[0.9, 0.8],
+        gt_labels=[1, 1],
+        image_size=(100, 100),
+    )
     assert gi.tolist() == [-1, 0]
 
 
@@ -140,7 +152,12 @@ def _bilinear(v, y, x):
     else:
         x1 = x0 + 1
     ly, lx = y - y0, x - x0
-    return (1 - ly) * (1 - lx) * v[y0, x0] + (1 - ly) * lx * v[y0, x1] + ly * (1 - lx) * v[y1, x0] + ly * lx * v[y1, x1]
+    return (
+        (1 - ly) * (1 - lx) * v[y0, x0]
+        + (1 - ly) * lx * v[y0, x1]
+        + ly * (1 - lx) * v[y1, x0]
+        + ly * lx * v[y1, x1]
+    )
 
 
 def _crop_ref(mask, box, s, sampling=2):
@@ -161,16 +178,25 @@ def _crop_ref(mask, box, s, sampling=2):
 
 
 def test_mask_crop_matches_float64_reference():
-    rng = np.random.default_rng(3)
     h, w = 40, 56
     yy, xx = np.mgrid[:h, :w]
-    masks = np.stack([
-        (yy - 20) ** 2 + (xx - 25) ** 2 < 120,  # disc
-        ((yy - 12) ** 2 + (xx - 40) ** 2 < 80) & ((yy - 12) ** 2 + (xx - 40) ** 2 > 20),  # ring
-        (yy > 25) & (xx < 15),  # corner block
-    ])
-    boxes = np.array([[14.3, 9.2, 36.7, 31.1], [30.0, 2.5, 51.4, 22.0], [-3.0, 24.0, 18.5, 44.0],
-                      [5.0, 5.0, 5.5, 30.0], [0, 0, 56, 40]], dtype=np.float32)
+    masks = np.stack(
+        [
+            (yy - 20) ** 2 + (xx - 25) ** 2 < 120,  # disc
+            ((yy - 12) ** 2 + (xx - 40) ** 2 < 80) & ((yy - 12) ** 2 + (xx - 40) ** 2 > 20),  # ring
+            (yy > 25) & (xx < 15),  # corner block
+        ]
+    )
+    boxes = np.array(
+        [
+            [14.3, 9.2, 36.7, 31.1],
+            [30.0, 2.5, 51.4, 22.0],
+            [-3.0, 24.0, 18.5, 44.0],
+            [5.0, 5.0, 5.5, 30.0],
+            [0, 0, 56, 40],
+        ],
+        dtype=np.float32,
+    )
     gi = np.array([0, 1, 2, 0, -1])
     s = 16
     got = crop_mask_targets(torch.from_numpy(masks), torch.from_numpy(boxes), gi, s)
@@ -193,10 +219,17 @@ def test_pack_roundtrip_and_compute_targets():
 
     h, w = 60, 80
     yy, xx = np.mgrid[:h, :w]
-    masks = torch.from_numpy(np.stack([(yy < 30) & (xx < 40), (yy >= 30) & (xx >= 40), np.ones((h, w), bool)]))
-    gt = {"boxes": torch.tensor([[0.0, 0, 40, 30], [40, 30, 80, 60], [0, 0, 80, 60]]),
-          "labels": torch.tensor([1, 2, 1]), "iscrowd": torch.tensor([False, False, True]),
-          "ann_ids": torch.tensor([11, 22, 33]), "masks": masks, "orig_size": (h, w)}
+    masks = torch.from_numpy(
+        np.stack([(yy < 30) & (xx < 40), (yy >= 30) & (xx >= 40), np.ones((h, w), bool)])
+    )
+    gt = {
+        "boxes": torch.tensor([[0.0, 0, 40, 30], [40, 30, 80, 60], [0, 0, 80, 60]]),
+        "labels": torch.tensor([1, 2, 1]),
+        "iscrowd": torch.tensor([False, False, True]),
+        "ann_ids": torch.tensor([11, 22, 33]),
+        "masks": masks,
+        "orig_size": (h, w),
+    }
     k = 6
     boxes = torch.zeros(k, 4)
     boxes[:4] = torch.tensor([[0.0, 0, 40, 30], [42, 31, 80, 60], [0, 0, 80, 60], [1, 1, 39, 29]])
@@ -207,8 +240,15 @@ def test_pack_roundtrip_and_compute_targets():
     mt = unpack_masks(t["mask_targets"], 16)
     assert mt[0].all() and mt[3].all() and not mt[2].any() and not mt[4:].any()
     # no GT at all
-    empty = {**gt, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-             "iscrowd": torch.zeros(0, dtype=torch.bool), "ann_ids": torch.zeros(0, dtype=torch.int64),
-             "masks": torch.zeros(0, h, w, dtype=torch.bool)}
-    t = compute_targets(boxes, torch.ones(k, dtype=torch.int64), torch.rand(k), 4, empty, "hungarian", 0.5, 16)
+    empty = {
+        **gt,
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "iscrowd": torch.zeros(0, dtype=torch.bool),
+        "ann_ids": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, h, w, dtype=torch.bool),
+    }
+    t = compute_targets(
+        boxes, torch.ones(k, dtype=torch.int64), torch.rand(k), 4, empty, "hungarian", 0.5, 16
+    )
     assert (t["match_ann_id"] == -1).all() and not t["mask_targets"].any()

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.synth_batches import SyntheticCache
-
 from mfdetr.errors import MfdetrError
+from mfdetr.model import build_mask_net, count_parameters
 from mfdetr.model.config import LossConfig, MaskNetConfig
 from mfdetr.model.losses import compute_losses
-from mfdetr.model import build_mask_net, count_parameters
-
+from tests.synth_batches import SyntheticCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +48,9 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize(
+    "opts", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
+)
 def test_forward_contract(data, opts):
     ds, batch = data
     torch.manual_seed(0)
@@ -75,7 +73,9 @@ def test_forward_contract(data, opts):
     sel[3, 1] = sel[0, 2] = sel[0, 0] = True
     out2 = net(batch, sel)
     assert out2["rows"].tolist() == [[0, 0], [0, 2], [3, 1]]
-    assert torch.allclose(out2["mask_logits"][1], out["mask_logits"][(rows == torch.tensor([0, 2])).all(1)][0], atol=1e-5)
+    assert torch.allclose(
+        out2["mask_logits"][1], out["mask_logits"][(rows == torch.tensor([0, 2])).all(1)][0], atol=1e-5
+    )
     # every parameter takes part (DDP needs it) and gets a finite gradient
     batch_t = dict(batch)
     loss, _ = compute_losses(out, batch_t, LossConfig(num_points=64))
@@ -94,11 +94,19 @@ def test_rois_use_the_scale_and_the_default_is_small(data):
     assert torch.equal(rois[:, 0], b.float())
     assert strides == [4]  # default fuse_stride 4: every level fused onto one stride-4 map
     net8 = build_mask_net(small(fuse_stride=8), ds.levels, ds.query_dim)
-    assert net8.features_and_rois(batch, None)[1] == [8, 4]  # the fused map (strides >= 8) + the finer s4 level
+    assert net8.features_and_rois(batch, None)[1] == [
+        8,
+        4,
+    ]  # the fused map (strides >= 8) + the finer s4 level
     # the default (paper) config at the shapes setting stays light
     from mfdetr.detectors.base import LevelSpec
 
-    levels = [LevelSpec("b4", 4, 32), LevelSpec("e4", 4, 128), LevelSpec("e8", 8, 128), LevelSpec("e16", 16, 128)]
+    levels = [
+        LevelSpec("b4", 4, 32),
+        LevelSpec("e4", 4, 128),
+        LevelSpec("e8", 8, 128),
+        LevelSpec("e16", 16, 128),
+    ]
     assert count_parameters(build_mask_net(MaskNetConfig(), levels, 128)) < 1_500_000
 
 
@@ -120,7 +128,9 @@ def test_clear_errors_for_levels_channels_and_query_width(data):
         build_mask_net(small(levels=["s8", "e32"]), ds.levels, ds.query_dim)
     net = build_mask_net(small(), ds.levels, ds.query_dim)
     bad = dict(batch, features=dict(batch["features"], s8=batch["features"]["s8"][:, :5]))
-    with pytest.raises(MfdetrError, match=r"'s8' has 5 channels in the batch but the mask network was built for 12"):
+    with pytest.raises(
+        MfdetrError, match=r"'s8' has 5 channels in the batch but the mask network was built for 12"
+    ):
         net(bad)
     with pytest.raises(MfdetrError, match=r"width 7 but .* built for 16"):
         net(dict(batch, queries=batch["queries"][..., :7]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mfdetr.model.config import LossConfig
-from mfdetr.model.losses import boundary_points, compute_losses, overlap_points, point_sample
+from mfdetr.model.losses import boundary_points, compute_losses, overlap_points
 from mfdetr.model.query_encoder import QueryShapePrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,15 +41,20 @@ def test_boundary_points_lie_on_boundary_cells_and_fall_back_to_uniform():
 
 def _two_boxes():
     # A = [0,0,20,20] (ann 0), B = [10,0,30,20] (ann 1), C = a duplicate box of A (ann 0), D invalid
-    boxes = torch.tensor([[[0, 0, 20, 20], [10, 0, 30, 20], [0, 0, 20, 20], [50, 50, 60, 60]]],
-                         dtype=torch.float)
+    boxes = torch.tensor(
+        [[[0, 0, 20, 20], [10, 0, 30, 20], [0, 0, 20, 20], [50, 50, 60, 60]]], dtype=torch.float
+    )
     t = torch.zeros(1, 4, 16, 16, dtype=torch.bool)
     t[0, 0] = True
     t[0, 2] = True
     t[0, 1, :, :4] = True  # B's visible pixels: x in 10..15 (inside A) ...
     t[0, 1, :, 12:] = True  # ... and x in 25..30 (outside A)
-    return {"boxes": boxes, "match_ann_id": torch.tensor([[0, 1, 0, -1]]),
-            "valid": torch.tensor([[True, True, True, False]]), "mask_targets": t}
+    return {
+        "boxes": boxes,
+        "match_ann_id": torch.tensor([[0, 1, 0, -1]]),
+        "valid": torch.tensor([[True, True, True, False]]),
+        "mask_targets": t,
+    }
 
 
 def test_overlap_points_sample_the_other_instance_inside_the_box():

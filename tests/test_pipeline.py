@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from mfdetr.pipeline.budget import dry_run, format_budget
-from mfdetr.pipeline.stages import run_pipeline
-from mfdetr.pipeline.config import load_pipeline
 from mfdetr.errors import MfdetrError
+from mfdetr.pipeline.budget import dry_run, format_budget
+from mfdetr.pipeline.config import load_pipeline
+from mfdetr.pipeline.stages import run_pipeline
 
 TINY = """
 cache_root = "{root}/cache"
@@ -123,22 +123,25 @@ val_images = "{train_img}"
 val_annotations = "{train_ann}"
 """
     p = tmp_path / "c.toml"
-    p.write_text(f'[detector]\nspec = "py:tests.fake_detector:build"\n[extract]\ntopk = 10\n' + extra)
+    p.write_text('[detector]\nspec = "py:tests.fake_detector:build"\n[extract]\ntopk = 10\n' + extra)
     report = dry_run(load_pipeline(p))
     text = format_budget(report)
     assert "train" in text and "MB/image" in text
     tr = report["splits"]["train"]
     assert tr["images"] == 4
     # independent count: sum over images and levels of C * ceil(h/s) * ceil(w/s) * 2 bytes (float16)
-    from tests.fake_detector import FakeDetector
     import math
+
+    from tests.fake_detector import FakeDetector
 
     det = FakeDetector()
     sizes = [(im["height"], im["width"]) for im in json.loads(Path(train_ann).read_text())["images"]]
     want = 0
     for h0, w0 in sizes:
         h, w = det.input_size((h0, w0))
-        want += sum(lv.channels * math.ceil(h / lv.stride) * math.ceil(w / lv.stride) * 2 for lv in det.levels)
+        want += sum(
+            lv.channels * math.ceil(h / lv.stride) * math.ceil(w / lv.stride) * 2 for lv in det.levels
+        )
     assert sum(tr["bytes_per_level"].values()) == want
 
     p.write_text(p.read_text().replace(str(train_ann), str(tmp_path / "missing.json"), 1))

@@ -133,7 +133,12 @@ def test_gradcheck_float64():
         torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True),
     ]
     rois = torch.tensor(
-        [[0, 1.0, 2.0, 17.0, 13.0], [1, -3.0, 4.0, 9.0, 30.0], [1, 15.0, 15.0, 16.0, 16.5], [0, 0, 0, 24, 20]],
+        [
+            [0, 1.0, 2.0, 17.0, 13.0],
+            [1, -3.0, 4.0, 9.0, 30.0],
+            [1, 15.0, 15.0, 16.0, 16.5],
+            [0, 0, 0, 24, 20],
+        ],
         dtype=torch.float64,
     )
     for sr, per_level in ((-1, False), (2, True)):
@@ -149,7 +154,9 @@ def test_gradients_match_torchvision(sr, aligned):
     feats = [f.requires_grad_() for f in _features(seed=3)]
     rois = _rois([_random_boxes(7, 8), _edge_boxes(), torch.zeros(0, 4)])
     size = 7
-    gout = torch.randn(rois.shape[0], feats[0].shape[1], size, size, generator=torch.Generator().manual_seed(9))
+    gout = torch.randn(
+        rois.shape[0], feats[0].shape[1], size, size, generator=torch.Generator().manual_seed(9)
+    )
     (multilevel_roi_align(feats, rois, SCALES, size, sr, aligned) * gout).sum().backward()
     ours = [f.grad.clone() for f in feats]
     for f in feats:

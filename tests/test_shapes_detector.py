@@ -16,7 +16,8 @@ from mfdetr.detectors.registry import SHAPES_DIR, build_detector, shapes_availab
 from mfdetr.errors import MfdetrError
 
 needs_weights = pytest.mark.skipif(
-    not shapes_available(), reason=f"shipped weights absent from {SHAPES_DIR}: python tools/train_shapes_detector.py"
+    not shapes_available(),
+    reason=f"shipped weights absent from {SHAPES_DIR}: python tools/train_shapes_detector.py",
 )
 
 

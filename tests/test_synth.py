@@ -21,8 +21,11 @@ SEED = 3
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_coco_valid_masks_inside_boxes(synth_dir, split):
         m = coco.annToMask(ann).astype(bool)
         assert m.any() and m.sum() == ann["area"]
         x, y, w, h = (int(v) for v in ann["bbox"])
-        assert m[y:y + h, x:x + w].sum() == m.sum()  # inside the box
+        assert m[y : y + h, x : x + w].sum() == m.sum()  # inside the box
         assert m[y].any() and m[y + h - 1].any() and m[:, x].any() and m[:, x + w - 1].any()  # tight
     for img in coco.imgs.values():
         size = Image.open(synth_dir / split / "images" / img["file_name"]).size

@@ -18,6 +18,7 @@ from mfdetr.train.loop import train_from_cache
 from mfdetr.train.schedule import lr_factor
 from mfdetr.train.selection import train_select, val_select
 from tests.synth_batches import LEVELS, SyntheticCache
+from tests.tiny_train import fast_train_flags
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -40,21 +41,14 @@ def small_cfg(**kw) -> TrainConfig:
 # --------------------------------------------------------------------------- a real tiny cache
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    from mfdetr.extract.loop import ExtractOptions, extract
-    from tests.fake_detector import SPEC, make_small_synth
+    from mfdetr.extract.loop import ExtractOptions
+    from tests.fake_detector import make_small_synth
+    from tests.tiny_cache import fake_extract
 
     root = tmp_path_factory.mktemp("tiny_train_cache")
     images, ann = make_small_synth(root / "data", n=12, size=96, seed=5)
-    res = extract(
-        SPEC,
-        images,
-        ann,
-        out=str(root / "train.zarr"),
-        opts=ExtractOptions(topk=8, block=4, mask_size=16, levels=["f4", "f8", "f16"]),
-        batch_size=4,
-        workers=0,
-        progress=False,
-    )
+    opts = ExtractOptions(topk=8, block=4, mask_size=16, levels=["f4", "f8", "f16"])
+    res = fake_extract(images, ann, root / "train.zarr", opts, batch_size=4)
     assert res.images_done == 12
     # stage two must need none of these: the image folder and the annotation file go away
     shutil.rmtree(images)
@@ -77,36 +71,8 @@ def test_trains_from_a_real_cache_alone_then_resumes_from_the_cli(tiny_cache, tm
     from mfdetr.cli import app
 
     out = tmp_path / "run"
-    args = [
-        "train-from-cache",
-        "--cache",
-        tiny_cache,
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--workers",
-        "1",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--val-cache",
-        tiny_cache,
-        "--no-progress",
-        "--set",
-        "model.dim=16",
-        "--set",
-        "model.box_dim=8",
-        "--set",
-        "model.roi_size=8",
-        "--set",
-        "loss.num_points=64",
-        "--set",
-        "warmup_iters=1",
-    ]
+    args = ["train-from-cache", "--cache", tiny_cache, "--out", str(out), "--epochs", "1"]
+    args += [*fast_train_flags(workers=1), "--val-cache", tiny_cache]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "val mean mask IoU" in r.output
@@ -188,19 +154,15 @@ def test_preloaded_cache_trains_exactly_like_the_streamed_one(tiny_cache, tmp_pa
     assert 0 < estimate_bytes(ds) < len(ds) * sum(v.nbytes for v in ds[0]["features"].values())  # compact
     model = MaskNetConfig(dim=16, box_dim=8, roi_size=8)
     kw = dict(model=model, loss=LossConfig(num_points=64), epochs=2, batch_size=4, warmup_iters=1, threads=1)
-    streamed = train_from_cache(
-        tiny_cache,
-        tmp_path / "s",
-        small_cfg(preload="off", workers=1, **kw),
-        val_cache=tiny_cache,
-        progress=False,
-    )
-    held = train_from_cache(
-        tiny_cache,
-        tmp_path / "m",
-        small_cfg(preload="on", workers=1, **kw),
-        val_cache=tiny_cache,
-        progress=False,
+    streamed, held = (
+        train_from_cache(
+            tiny_cache,
+            tmp_path / name,
+            small_cfg(preload=preload, workers=1, **kw),
+            val_cache=tiny_cache,
+            progress=False,
+        )
+        for name, preload in (("s", "off"), ("m", "on"))
     )
     assert held.losses == streamed.losses and held.val_miou == streamed.val_miou
     wa = read_checkpoint(tmp_path / "s" / "checkpoints" / "last.pt")["model"]

@@ -19,30 +19,11 @@ from mfdetr.train.loop import train_from_cache
 from tests import test_train
 from tests.synth_batches import SyntheticCache
 from tests.test_train import small_cfg
+from tests.tiny_train import fast_train_flags
 
 tiny_cache = test_train.tiny_cache  # the module fixture: a real tiny cache
 
-FAST = [
-    "--batch-size",
-    "4",
-    "--workers",
-    "0",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--set",
-    "model.dim=16",
-    "--set",
-    "model.box_dim=8",
-    "--set",
-    "model.roi_size=8",
-    "--set",
-    "loss.num_points=64",
-    "--set",
-    "warmup_iters=1",
-]
+FAST = fast_train_flags()
 
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -57,6 +38,11 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         code = int(e.code or 0)
     err = capsys.readouterr().err
     return code, err
+
+
+def train_cli(monkeypatch, capsys, cache, out, *args: str) -> tuple[int, str]:
+    """``cli`` of ``train-from-cache --cache CACHE --out OUT ARGS``."""
+    return cli(monkeypatch, capsys, "train-from-cache", "--cache", str(cache), "--out", str(out), *args)
 
 
 def assert_one_line_error(code: int, err: str, pattern: str) -> None:
@@ -79,16 +65,7 @@ def assert_one_line_error(code: int, err: str, pattern: str) -> None:
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, monkeypatch, capsys, args, pattern):
-    code, err = cli(
-        monkeypatch,
-        capsys,
-        "train-from-cache",
-        "--cache",
-        str(tmp_path / "none.zarr"),
-        "--out",
-        str(tmp_path / "run"),
-        *args,
-    )
+    code, err = train_cli(monkeypatch, capsys, tmp_path / "none.zarr", tmp_path / "run", *args)
     assert_one_line_error(code, err, pattern)
     assert not (tmp_path / "run").exists()
 
@@ -102,22 +79,16 @@ def test_config_checks_in_the_python_api():
 def test_out_under_a_file_or_read_only_is_a_one_line_error(tiny_cache, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, err = cli(
-        monkeypatch, capsys, "train-from-cache", "--cache", tiny_cache, "--out", str(blocker / "run"), *FAST
-    )
+    code, err = train_cli(monkeypatch, capsys, tiny_cache, blocker / "run", *FAST)
     assert_one_line_error(code, err, r"cannot write the run directory --out .*file/run: Not a directory")
-    code, err = cli(
-        monkeypatch, capsys, "train-from-cache", "--cache", tiny_cache, "--out", str(blocker), *FAST
-    )
+    code, err = train_cli(monkeypatch, capsys, tiny_cache, blocker, *FAST)
     assert_one_line_error(code, err, r"--out .* is a file")
 
     def read_only(self, *a, **k):  # root ignores permission bits: simulate the filesystem's answer
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(Path, "write_bytes", read_only)
-    code, err = cli(
-        monkeypatch, capsys, "train-from-cache", "--cache", tiny_cache, "--out", str(tmp_path / "ro"), *FAST
-    )
+    code, err = train_cli(monkeypatch, capsys, tiny_cache, tmp_path / "ro", *FAST)
     assert_one_line_error(code, err, r"cannot write the run directory .*Read-only file system")
 
 
@@ -128,18 +99,7 @@ def test_disk_full_during_training(tiny_cache, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(torch, "save", full)
     out = tmp_path / "run"
-    code, err = cli(
-        monkeypatch,
-        capsys,
-        "train-from-cache",
-        "--cache",
-        tiny_cache,
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        *FAST,
-    )
+    code, err = train_cli(monkeypatch, capsys, tiny_cache, out, "--epochs", "1", *FAST)
     assert_one_line_error(code, err, r"disk full writing checkpoint .*epoch_001.pt: it needs about .* bytes")
     assert list((out / "checkpoints").glob("*")) == []  # no *.tmp* left in the way
 
@@ -168,49 +128,21 @@ def test_resume_falls_back_to_the_newest_complete_epoch_and_cuts_the_metrics(tmp
 def test_partial_cache_is_refused_unless_allowed_and_a_grown_cache_refuses_resume(
     tmp_path, monkeypatch, capsys
 ):
-    from mfdetr.extract.loop import ExtractOptions, extract
-    from tests.fake_detector import SPEC, make_small_synth
+    from mfdetr.extract.loop import ExtractOptions
+    from tests.fake_detector import make_small_synth
+    from tests.tiny_cache import fake_extract
 
     images, ann = make_small_synth(tmp_path / "data", n=12, size=64, seed=4)
     opts = ExtractOptions(topk=8, block=4, mask_size=16, levels=["f4", "f8", "f16"])
     cache = str(tmp_path / "c.zarr")
-    assert (
-        extract(SPEC, images, ann, out=cache, opts=opts, workers=0, shard=(0, 3), progress=False).images_done
-        == 4
-    )
+    assert fake_extract(images, ann, cache, opts, batch_size=4, shard=(0, 3)).images_done == 4
     out = tmp_path / "run"
-    code, err = cli(
-        monkeypatch, capsys, "train-from-cache", "--cache", cache, "--out", str(out), "--epochs", "1", *FAST
-    )
+    code, err = train_cli(monkeypatch, capsys, cache, out, "--epochs", "1", *FAST)
     assert_one_line_error(code, err, r"not complete: 4 of 12 images done.*--allow-partial")
-    code, err = cli(
-        monkeypatch,
-        capsys,
-        "train-from-cache",
-        "--cache",
-        cache,
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--allow-partial",
-        *FAST,
-    )
+    code, err = train_cli(monkeypatch, capsys, cache, out, "--epochs", "1", "--allow-partial", *FAST)
     assert code == 0 and "WARNING" in err and "4 done images only" in err, err
-    extract(SPEC, images, ann, out=cache, opts=opts, workers=0, progress=False)  # the extract finishes
-    code, err = cli(
-        monkeypatch,
-        capsys,
-        "train-from-cache",
-        "--cache",
-        cache,
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--resume",
-        *FAST,
-    )
+    fake_extract(images, ann, cache, opts, batch_size=4)  # the extract finishes
+    code, err = train_cli(monkeypatch, capsys, cache, out, "--epochs", "2", "--resume", *FAST)
     assert_one_line_error(code, err, r"trained on 4 images .* now has 12.*start a new run")
 
 
@@ -226,32 +158,9 @@ def test_a_damaged_cache_is_refused_or_skipped_with_skip_damaged(
     shutil.copytree(tiny_cache, cache)
     (cache / rel).unlink()  # block 1 (images 4..7) of 3
     out = tmp_path / "run"
-    code, err = cli(
-        monkeypatch,
-        capsys,
-        "train-from-cache",
-        "--cache",
-        str(cache),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        *FAST,
-    )
+    code, err = train_cli(monkeypatch, capsys, cache, out, "--epochs", "1", *FAST)
     assert_one_line_error(code, err, r"damaged.*--repair")
     with pytest.warns(UserWarning, match="damaged"):
-        code, err = cli(
-            monkeypatch,
-            capsys,
-            "train-from-cache",
-            "--cache",
-            str(cache),
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--skip-damaged",
-            *FAST,
-        )
+        code, err = train_cli(monkeypatch, capsys, cache, out, "--epochs", "1", "--skip-damaged", *FAST)
     assert code == 0 and "skipping 1 damaged block(s) [1]" in err and "other 8 images" in err, err
     assert "not complete" not in err

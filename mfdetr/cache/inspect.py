@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from mfdetr.cache.floats import decode_float
 from mfdetr.cache.guard import DamagedCacheError, describe
 from mfdetr.cache.integrity import (
     Layout,
@@ -20,7 +21,6 @@ from mfdetr.cache.integrity import (
 )
 from mfdetr.cache.reader import CacheDataset, cache_meta, open_cache
 from mfdetr.cache.schema import FEAT_GROUP, array_specs
-from mfdetr.cache.writer import decode_float
 from mfdetr.errors import MfdetrError
 
 

@@ -18,10 +18,11 @@ import zarr
 from torch.utils.data import Dataset
 
 from mfdetr.cache.batch import collate_records
+from mfdetr.cache.floats import decode_float
 from mfdetr.cache.guard import DamagedCacheError, GuardedStore, describe, open_checks, repair_hint
 from mfdetr.cache.schema import ATTR_KEY, FEAT_GROUP, QPARAM_GROUP, check_meta, quiet_zarr
 from mfdetr.cache.storage import StorageCodec
-from mfdetr.cache.writer import decode_float, store_arg
+from mfdetr.cache.writer import store_arg
 from mfdetr.detectors.base import LevelSpec
 from mfdetr.errors import MfdetrError
 

@@ -4,8 +4,9 @@ An annotation is degenerate when it cannot be a training target or a ground-trut
 zero width or height, or lying outside its image; an empty segmentation; a polygon segmentation with no
 part of three or more points (pycocotools would read a 4-number part as a box and fail on shorter ones);
 an RLE mask without a foreground pixel. The COCO reader drops them (and lists
-them in ``CocoDataset.degenerate``), ``extract`` reports them by annotation id, and ``evaluate`` leaves
-them out of the ground truth, so no stage sees an instance another stage skipped.
+them in ``CocoDataset.degenerate``), ``extract`` reports them by annotation id, and ``evaluate`` turns
+them into ignored regions (a detection on one is neither a hit nor a false positive), so no stage
+scores an instance another stage skipped.
 """
 
 from __future__ import annotations

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mfdetr.cache.floats import float16_warnings
 from mfdetr.cache.integrity import repair_scan
 from mfdetr.cache.schema import ExtractOptions, MatchOptions
 from mfdetr.cache.storage import calibrate, needs_calibration, stored_calibration
-from mfdetr.cache.writer import BlockWriter, create_or_open, float16_warnings, is_url
+from mfdetr.cache.writer import BlockWriter, create_or_open, is_url
 from mfdetr.errors import MfdetrError
 from mfdetr.extract.plan import (
     ExtractResult,

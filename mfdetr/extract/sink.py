@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mfdetr.cache.floats import encode_float
 from mfdetr.cache.schema import FEAT_GROUP, QPARAM_GROUP
 from mfdetr.cache.storage import StorageCodec
-from mfdetr.cache.writer import BlockWriter, encode_float
+from mfdetr.cache.writer import BlockWriter
 from mfdetr.errors import MfdetrError
 from mfdetr.extract.matching import compute_targets
 
