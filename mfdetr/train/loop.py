@@ -39,12 +39,13 @@ from mfdetr.model.checkpoint import build_checkpoint
 from mfdetr.train.checkpointing import check_resumable, rng_state, write_epoch_checkpoints
 from mfdetr.train.config import TrainConfig
 from mfdetr.train.data import check_cache_fits, maybe_preload, open_caches
-from mfdetr.train.runtime import compute_threads, log, resolve_device, resolve_workers
+from mfdetr.train.runtime import compute_threads, log, resolve_workers
 from mfdetr.train.setup import Run, announce, build_run, prepare_run_dir, resume_run
 from mfdetr.train.step import train_step
 from mfdetr.train.validation import validate
 from mfdetr.utils import distributed as dist_utils
 from mfdetr.utils.config import to_dict
+from mfdetr.utils.device import resolve_device
 from mfdetr.utils.progress import progress_bar
 
 
@@ -222,7 +223,7 @@ def train_from_cache(
     """
     cfg = (cfg or TrainConfig()).validate()
     out, t_start, prev_threads = Path(out), time.perf_counter(), torch.get_num_threads()
-    device0 = resolve_device(cfg.device)
+    device0 = resolve_device(cfg.device, 0)
     if cfg.amp == "fp16" and device0.type != "cuda":
         raise MfdetrError("amp fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
     info = dist_utils.init_distributed(device0)

@@ -24,19 +24,6 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available (``cuda:local_rank``), else CPU; explicit names are checked."""
-    if name in ("", "auto"):
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MfdetrError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
 def autocast_ctx(device: torch.device, amp: str):
     """The autocast context for ``amp`` on ``device`` (``off`` -> no-op)."""
     if amp == "off":
