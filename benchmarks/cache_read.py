@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_workdir_detector_options  # noqa: E402
 from cache_storage import ReplayDetector  # noqa: E402
 from extract_overhead import CATEGORY_NAMES, r50_detector, shapes_detector, synth_data  # noqa: E402
 
@@ -104,13 +105,7 @@ def main() -> None:
         "--r50", action="store_true", help="also an R50-class cache at 640x640 (slow to extract on CPU)"
     )
     ap.add_argument("--r50-images", type=int, default=4)
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument(
-        "--detector",
-        default=None,
-        help="detector spec for the 192 px rows (default: shapes, or its "
-        "random-weight architecture while the shipped weights are missing)",
-    )
+    add_workdir_detector_options(ap)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mfdetr_bench_"))
     work.mkdir(parents=True, exist_ok=True)

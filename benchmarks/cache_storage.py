@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_workdir_detector_options, two_stage_deformable_config  # noqa: E402
 from extract_overhead import CATEGORY_NAMES, r50_detector, shapes_detector, synth_data  # noqa: E402
 
 COCO_TRAIN2017 = 118_287
@@ -288,19 +289,7 @@ def dino_detector(categories, topk: int = 100, workdir: Path | None = None):
             layer_type="bottleneck",
             out_features=["stage2", "stage3", "stage4"],
         )
-        cfg = t.DeformableDetrConfig(
-            backbone_config=bb,
-            backbone=None,
-            use_timm_backbone=False,
-            use_pretrained_backbone=False,
-            two_stage=True,
-            with_box_refine=True,
-            num_feature_levels=4,
-            num_queries=900,
-            num_labels=len(id2label),
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
-        )
+        cfg = two_stage_deformable_config(bb, id2label, num_queries=900)
         torch.manual_seed(0)
         t.DeformableDetrForObjectDetection(cfg).save_pretrained(folder)
         t.DeformableDetrImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333}).save_pretrained(
@@ -324,13 +313,7 @@ def main() -> None:
     ap.add_argument("--no-refs", action="store_true", help="only the storage-lever rows")
     ap.add_argument("--no-dino", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list to this file")
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument(
-        "--detector",
-        default=None,
-        help="detector spec for the 192 px rows (default: shapes, or its "
-        "random-weight architecture while the shipped weights are missing)",
-    )
+    add_workdir_detector_options(ap)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mfdetr_bench_"))
     work.mkdir(parents=True, exist_ok=True)

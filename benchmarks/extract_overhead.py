@@ -110,10 +110,36 @@ def cpu_seconds() -> float:
 
 class AcceleratorSim:
     """A detector that costs ``seconds`` per image of wall time and no host CPU (like a forward on a GPU)
-    and returns real outputs: those of ``det`` on the first ``unique`` images, cycled."""
+    and returns real outputs: those of ``det`` on the first ``unique`` images, cycled. Like extract on
+    a GPU (``mfdetr/extract/transfer.py``), its maps and queries arrive already in the storage ``dtype``:
+    they are converted once here, as the GPU would inside its forward's time."""
 
-    def __init__(self, det, images: list[torch.Tensor], seconds: float, unique: int = 6) -> None:
-        self.outputs = [det.detect([im])[0].to("cpu") for im in images[:unique]]
+    def __init__(
+        self, det, images: list[torch.Tensor], seconds: float, unique: int = 6, dtype: str | None = "float16"
+    ) -> None:
+        from mfdetr.cache.floats import to_storage
+        from mfdetr.detectors.base import DetectorOutput
+
+        self.outputs = []
+        for im in images[:unique]:
+            o = det.detect([im])[0].to("cpu")
+            if dtype is None:  # the maps travel as float32 (a CPU detector, or extract before v0.4)
+                self.outputs.append(o)
+                continue
+            feats = {k: to_storage(v, dtype, None) for k, v in o.features.items()}
+            self.outputs.append(
+                DetectorOutput(
+                    o.boxes,
+                    o.scores,
+                    o.labels,
+                    to_storage(o.queries, dtype, None),
+                    feats,
+                    o.scale,
+                    o.input_size,
+                    o.orig_size,
+                    o.extras,
+                )
+            )
         self.seconds = seconds
         self.calls = 0
         for k in ("levels", "query_dim", "fingerprint", "device"):
@@ -156,7 +182,7 @@ def measure(
     workers: int,
     rounds: int = 3,
     opts=None,
-    writers: int = 1,
+    writers: int | None = None,
 ) -> dict:
     """Interleaved rounds of (forward alone, extract); the machine is shared, so the min of each is
     the least disturbed measurement (medians are reported too)."""
@@ -221,7 +247,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of extract")
-    ap.add_argument("--writers", type=int, default=1, help="writer processes of extract (0 = a thread)")
+    ap.add_argument(
+        "--writers",
+        type=int,
+        default=None,
+        help="writer processes of extract (0 = a thread; default: extract's)",
+    )
     ap.add_argument("--r50", action="store_true", help="also an R50-class detector at 640x640 (slow on CPU)")
     ap.add_argument("--r50-images", type=int, default=4)
     ap.add_argument(
@@ -257,7 +288,8 @@ def main() -> None:
     det, desc = shapes_detector(cats, workdir=work, spec=args.detector)
     print(
         f"torch threads {torch.get_num_threads()}, batch {args.batch_size}, DataLoader workers {args.workers}, "
-        f"writer processes {args.writers}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"writer processes {'default' if args.writers is None else args.writers}, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(f"detector: {desc}; levels {[lv.name for lv in det.levels]}")
     rows = []
@@ -300,23 +332,36 @@ def main() -> None:
             work / f"synth640_{args.accel_images}", args.accel_images, size=640, seed=13
         )
         ds_a = CocoDataset(ann_a, images_a)
-        sim = AcceleratorSim(det50, [ds_a[i].image for i in range(min(6, len(ds_a)))], args.accel)
+        first = [ds_a[i].image for i in range(min(6, len(ds_a)))]
         print(
             f"detector: R50 640 px outputs replayed behind a {args.accel} s/image sleep (an accelerator's forward: "
             "wall time, no host CPU)"
         )
-        r = measure(
-            sim,
-            images_a,
-            ann_a,
-            work / "overhead_accel.zarr",
-            1,
-            args.workers,
-            max(1, args.rounds - 1),
-            opts=ExtractOptions(block=8),
-            writers=args.writers,
-        )
-        rows.append(_row(f"R50 640px outputs, accelerator sim {args.accel}s/img", r))
+        # side by side: the previous release's path (float32 maps to the writers, zstd 3) and today's defaults
+        for label, sim, opts in (
+            (
+                "v0.3 path: zstd 3, writers convert",
+                AcceleratorSim(det50, first, args.accel, dtype=None),
+                ExtractOptions(block=8, codec="zstd"),
+            ),
+            (
+                "defaults: blosc-zstd 1, converted on device",
+                AcceleratorSim(det50, first, args.accel),
+                ExtractOptions(block=8),
+            ),
+        ):
+            r = measure(
+                sim,
+                images_a,
+                ann_a,
+                work / "overhead_accel.zarr",
+                1,
+                args.workers,
+                max(1, args.rounds - 1),
+                opts=opts,
+                writers=args.writers,
+            )
+            rows.append(_row(f"R50 640px outputs, accelerator sim {args.accel}s/img, {label}", r))
     print()
     print(
         "| detector | images | forward alone s (min / median) | extract s (min / median) "

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the section modules beside this file
+from _common import column  # noqa: E402
 
 SECTIONS = ("roi_align", "extract", "train", "step_vs_live", "evaluate")
 SHORT = dict(zip("abcde", SECTIONS))
@@ -72,48 +73,34 @@ class Profile:
     writers: int | None  # None: extract's default
 
 
-FULL = Profile(
-    quick=False,
-    roi_sizes=(
-        ("a 4x50 S14 800x1088", 800, 1088, 4, 50, 14, 256),
-        ("b 8x100 S32 800x1088", 800, 1088, 8, 100, 32, 256),
-        ("c 8x100 S32 800x1333", 800, 1333, 8, 100, 32, 256),
+# field: (full, on a GPU; quick, the CPU test); roi_sizes: see Profile
+SIZES = {
+    "roi_sizes": (
+        (
+            ("a 4x50 S14 800x1088", 800, 1088, 4, 50, 14, 256),
+            ("b 8x100 S32 800x1088", 800, 1088, 8, 100, 32, 256),
+            ("c 8x100 S32 800x1333", 800, 1333, 8, 100, 32, 256),
+        ),
+        (("a 2x6 S7 64x96", 64, 96, 2, 6, 7, 16), ("c 2x8 S8 80x128", 80, 128, 2, 8, 8, 16)),
     ),
-    roi_runs=10,
-    roi_warmup=3,
-    synth_size=192,
-    n_train=256,
-    n_val=64,
-    n_r50=32,
-    r50_size=640,
-    n_paper=8,
-    paper_hw=(800, 1333),
-    epochs=4,
-    batch=8,
-    step_iters=6,
-    section_cap_s=150.0,
-    workers=4,
-    writers=None,
-)
-QUICK = Profile(
-    quick=True,
-    roi_sizes=(("a 2x6 S7 64x96", 64, 96, 2, 6, 7, 16), ("c 2x8 S8 80x128", 80, 128, 2, 8, 8, 16)),
-    roi_runs=2,
-    roi_warmup=1,
-    synth_size=64,
-    n_train=4,
-    n_val=2,
-    n_r50=2,
-    r50_size=96,
-    n_paper=2,
-    paper_hw=(96, 160),
-    epochs=1,
-    batch=2,
-    step_iters=2,
-    section_cap_s=150.0,
-    workers=0,
-    writers=0,
-)
+    "roi_runs": (10, 2),
+    "roi_warmup": (3, 1),
+    "synth_size": (192, 64),
+    "n_train": (256, 4),
+    "n_val": (64, 2),
+    "n_r50": (32, 2),
+    "r50_size": (640, 96),
+    "n_paper": (8, 2),
+    "paper_hw": ((800, 1333), (96, 160)),
+    "epochs": (4, 1),
+    "batch": (8, 2),
+    "step_iters": (6, 2),
+    "section_cap_s": (150.0, 150.0),
+    "workers": (4, 0),
+    "writers": (None, 0),
+}
+FULL = Profile(quick=False, **column(SIZES, 0))
+QUICK = Profile(quick=True, **column(SIZES, 1))
 
 
 class Budget:
@@ -279,12 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder of gpu_suite.json (default $OUT, else .)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (the CPU test)")
-    ap.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="seconds for the whole suite (default 450; quick 400: a shared CPU)",
-    )
+    ap.add_argument("--budget", type=float, default=None, help="whole-suite seconds (default 450, quick 400)")
     ap.add_argument("--only", default="", help="sections to run, by name or letter a-e (comma-separated)")
     ap.add_argument(
         "--workdir", type=Path, default=None, help="keep data, caches and runs here (default: a temp dir)"
@@ -300,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--only: unknown section(s) {bad}; use {', '.join(SECTIONS)} or a-e")
     out = args.out or Path(os.environ.get("OUT") or ".")
     out.mkdir(parents=True, exist_ok=True)
+    # --quick: 400 s (the CPU test on a shared machine)
     budget = Budget(args.budget or (400.0 if prof.quick else 450.0), prof.section_cap_s)
     tmp = None
     if args.workdir is None:

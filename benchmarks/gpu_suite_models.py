@@ -10,16 +10,14 @@ Detectors (random weights from configs, no download; ``--quick`` swaps in tiny o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import column, r50_config, shapes_config, two_stage_deformable_config
 from gpu_suite import Context, sync
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _id2label() -> dict[int, str]:
@@ -28,79 +26,33 @@ def _id2label() -> dict[int, str]:
     return dict(enumerate(CATEGORIES))
 
 
-def _shapes_arch(size: int, queries: int):
-    tool = REPO / "tools" / "train_shapes_detector.py"
-    spec = importlib.util.spec_from_file_location("_train_shapes_detector", tool)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    names = _id2label()
-    return mod.build_config(len(names), names, size, queries=queries)
-
-
-def _r50_config():
-    import transformers as t
-
-    names = _id2label()
-    return t.RTDetrConfig(
-        num_labels=len(names),
-        id2label=names,
-        label2id={v: k for k, v in names.items()},
-        use_pretrained_backbone=False,
-        use_timm_backbone=False,
-        num_denoising=0,
-    )
+# field: (tiny, for --quick; Swin-L, the paper's strongest frozen detectors use it): the "paper" detector's
+# Swin backbone and its DINO-like two-stage deformable head
+PAPER_SWIN = {
+    "image_size": (224, 384),
+    "embed_dim": (16, 192),
+    "depths": ([1, 1, 1, 1], [2, 2, 18, 2]),
+    "num_heads": ([1, 1, 2, 2], [6, 12, 24, 48]),
+    "window_size": (4, 12),
+}
+PAPER_HEAD = {  # the encoder and the decoder have the same depth and FFN width
+    "d_model": (32, 256),
+    "layers": (1, 6),
+    "ffn_dim": (64, 2048),
+    "num_queries": (30, 900),
+}
 
 
 def _paper_config(tiny: bool):
     import transformers as t
 
-    names = _id2label()
-    if tiny:
-        swin = t.SwinConfig(
-            embed_dim=16,
-            depths=[1, 1, 1, 1],
-            num_heads=[1, 1, 2, 2],
-            window_size=4,
-            out_features=["stage2", "stage3", "stage4"],
-        )
-        dims = dict(
-            d_model=32,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            num_queries=30,
-        )
-    else:  # Swin-L (the paper's strongest frozen detectors use it), DINO-like two-stage deformable head
-        swin = t.SwinConfig(
-            image_size=384,
-            embed_dim=192,
-            depths=[2, 2, 18, 2],
-            num_heads=[6, 12, 24, 48],
-            window_size=12,
-            out_features=["stage2", "stage3", "stage4"],
-        )
-        dims = dict(
-            d_model=256,
-            encoder_layers=6,
-            decoder_layers=6,
-            encoder_ffn_dim=2048,
-            decoder_ffn_dim=2048,
-            num_queries=900,
-        )
-    return t.DeformableDetrConfig(
-        backbone_config=swin,
-        backbone=None,
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
-        two_stage=True,
-        with_box_refine=True,
-        num_feature_levels=4,
-        num_labels=len(names),
-        id2label=names,
-        label2id={v: k for k, v in names.items()},
-        **dims,
-    )
+    col = 0 if tiny else 1
+    swin = t.SwinConfig(out_features=["stage2", "stage3", "stage4"], **column(PAPER_SWIN, col))
+    head = column(PAPER_HEAD, col)
+    sizes = dict(d_model=head["d_model"], num_queries=head["num_queries"])
+    for part in ("encoder", "decoder"):
+        sizes |= {f"{part}_layers": head["layers"], f"{part}_ffn_dim": head["ffn_dim"]}
+    return two_stage_deformable_config(swin, _id2label(), **sizes)
 
 
 def _save(folder: Path, model_cls: str, proc_cls: str, cfg, proc_kw: dict) -> str:
@@ -127,13 +79,13 @@ def detector_spec(ctx: Context, key: str) -> tuple[str, str]:
                 folder,
                 "RTDetrForObjectDetection",
                 "RTDetrImageProcessor",
-                _shapes_arch(192, 100),
+                shapes_config(192, 100),
                 {"size": {"height": 192, "width": 192}, "do_normalize": False},
             ),
             "shapes architecture, random weights (192 px)",
         )
     if key == "r50":
-        cfg = _shapes_arch(p.r50_size, 30) if tiny else _r50_config()
+        cfg = shapes_config(p.r50_size, 30) if tiny else r50_config(_id2label())
         desc = f"RT-DETR {'tiny' if tiny else 'R50'} random weights {p.r50_size}x{p.r50_size}"
         return (
             _save(

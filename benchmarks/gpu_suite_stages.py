@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import torch
+from _common import force_matched
 from gpu_suite import Context, finite, sync
 from gpu_suite_models import cache, decoded_images, detector, extract_batch, forward_alone, synth
 
@@ -50,23 +51,6 @@ def section_extract(ctx: Context) -> list[dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------- the step
-def force_matched(batch: dict[str, Any], n: int = 8) -> dict[str, Any]:
-    """Every image gets >= n matched boxes (random targets) when the detector matched fewer: a
-    random-weight detector matches almost nothing, and the step should cost what it costs with a real one."""
-    valid = batch["valid"]
-    matched = valid & (batch["match_ann_id"] >= 0)
-    if int(matched.sum(1).min()) >= min(n, int(valid.sum(1).min())):
-        return batch
-    b = dict(batch)
-    ids = batch["match_ann_id"].clone()
-    first = valid & (valid.cumsum(1) <= n)
-    ids[first] = torch.arange(int(first.sum()), device=ids.device)
-    b["match_ann_id"] = ids
-    g = torch.Generator().manual_seed(0)
-    b["mask_targets"] = (torch.rand(batch["mask_targets"].shape, generator=g) > 0.5).to(ids.device)
-    return b
-
-
 class Step:
     """One mask-network training step exactly as train-from-cache runs it (``mfdetr.train.step.train_step``:
     selection, forward under autocast, losses, backward, clipping, AdamW), on a fresh mask network."""

@@ -48,21 +48,13 @@ from mfdetr.train.schedule import build_scheduler
 from mfdetr.train.selection import train_select
 from mfdetr.train.step import build_optimizer, build_scaler, train_step
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import force_matched, labels, shapes_config, shapes_processor  # noqa: E402
+
 
 def _rtdetr_small(size: int):
-    """The shipped shapes architecture (``tools/train_shapes_detector.py``: s8, 100 queries), random
-    weights."""
-    import importlib.util
-
-    from transformers import RTDetrImageProcessor
-
-    tool = Path(__file__).resolve().parents[1] / "tools" / "train_shapes_detector.py"
-    spec = importlib.util.spec_from_file_location("_train_shapes_detector", tool)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    names = mod.CATEGORY_NAMES
-    cfg = mod.build_config(len(names), dict(enumerate(names)), size, queries=100)
-    return cfg, RTDetrImageProcessor(size={"height": size, "width": size}, do_normalize=False, do_pad=False)
+    """The shipped shapes architecture (``tools/train_shapes_detector.py``: s8, 100 queries) and its processor."""
+    return shapes_config(size, queries=100), shapes_processor(size)
 
 
 def _rtdetr_r50(size: int):
@@ -79,9 +71,7 @@ def _rtdetr_r50(size: int):
         ),
         use_timm_backbone=False,
         use_pretrained_backbone=False,
-        num_labels=6,
-        id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
+        **labels(dict(enumerate(names))),
     )
     return cfg, RTDetrImageProcessor(size={"height": size, "width": size})
 
@@ -101,22 +91,6 @@ def _load_images(folder: Path, names: list[str]) -> list[torch.Tensor]:
     from mfdetr.data.image_io import load_image
 
     return [load_image(folder / n) for n in names]
-
-
-def _force_matched(batch: dict[str, Any], n: int = 8) -> dict[str, Any]:
-    """Give every image >= n matched boxes (random targets) when the detector matched fewer."""
-    valid = batch["valid"]
-    matched = valid & (batch["match_ann_id"] >= 0)
-    if int(matched.sum(1).min()) >= min(n, int(valid.sum(1).min())):
-        return batch
-    b = dict(batch)
-    ids = batch["match_ann_id"].clone()
-    first = valid & (valid.cumsum(1) <= n)
-    ids[first] = torch.arange(int(first.sum()))
-    b["match_ann_id"] = ids
-    g = torch.Generator().manual_seed(0)
-    b["mask_targets"] = torch.rand(batch["mask_targets"].shape, generator=g) > 0.5
-    return b
 
 
 class Stepper:
@@ -154,7 +128,7 @@ def _timed_steps(loader: Any, it: Any, step: Stepper, iters: int) -> list[float]
         except StopIteration:
             it = iter(loader)
             b = next(it)
-        step(_force_matched(b))
+        step(force_matched(b))
         times.append(time.perf_counter() - t)
     return times
 
@@ -174,7 +148,7 @@ def _preloaded_row(ds: Any, batch: int, workers: int, step: Stepper, iters: int)
     torch.set_num_threads(compute_threads(TrainConfig(workers=0), torch.device("cpu"), workers=0))
     threads_mem = torch.get_num_threads()
     mit = iter(mem_loader)
-    step(_force_matched(next(mit)))  # warm-up at this thread count
+    step(force_matched(next(mit)))  # warm-up at this thread count
     t_mem = _timed_steps(mem_loader, mit, step, iters)
     torch.set_num_threads(threads_before)
     return t_mem, threads_mem
@@ -261,7 +235,7 @@ def run_setting(
     step = Stepper(ds.levels, ds.query_dim, cfg)
     nb = max(1, len(ds) // batch)
     batches = [
-        _force_matched(ds.collate([ds[i] for i in range(j * batch, (j + 1) * batch)])) for j in range(nb)
+        force_matched(ds.collate([ds[i] for i in range(j * batch, (j + 1) * batch)])) for j in range(nb)
     ]
     n_unmatched = cfg.loss.unmatched_per_image if cfg.loss.iou_unmatched else 0
     n_boxes = [int(train_select(b, cfg.max_boxes_per_image, n_unmatched).sum()) for b in batches]

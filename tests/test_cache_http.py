@@ -77,16 +77,16 @@ def test_trains_and_evaluates_from_a_python_http_server_url(tmp_path, caplog):
     back and are sliced locally) trains exactly as from the local path, and evaluates from its URL."""
     from mfdetr.evaluate import EvalConfig, evaluate
     from mfdetr.train.loop import train_from_cache
-    from tests.test_train import small_cfg
+    from tests.tiny_train import small_train
 
     _, ann, res = _www_cache(tmp_path, 8, 7, mask_size=16)
     cfg = dict(epochs=1, batch_size=4, seed=3, workers=1)
-    local = train_from_cache(res.path, tmp_path / "run_local", small_cfg(**cfg), progress=False)
+    local = train_from_cache(res.path, tmp_path / "run_local", small_train(**cfg), progress=False)
     eval_cfg = EvalConfig(workers=0, progress=False)
     with python_http_server(tmp_path / "www") as base:
         url = f"{base}/c.zarr"
         remote = train_from_cache(
-            url, tmp_path / "run_remote", small_cfg(**cfg), val_cache=url, progress=False
+            url, tmp_path / "run_remote", small_train(**cfg), val_cache=url, progress=False
         )
         assert remote.steps == local.steps == 2
         assert remote.train_loss == local.train_loss

@@ -15,6 +15,8 @@ from mfdetr.detectors.registry import build_detector
 
 transformers = pytest.importorskip("transformers")
 
+from tests.hf_tiny import tiny_config  # noqa: E402
+
 H0, W0 = 120, 200
 BOX = (120, 40, 160, 70)  # x1, y1, x2, y2 in original pixels: a bright block
 
@@ -31,30 +33,10 @@ def _pair():
 def _folder(tmp_path, kind):
     t = transformers
     torch.manual_seed(0)
+    # hf_tiny's models at half the width (a 8..64-channel ResNet), one decoder layer, 5 queries, one class
+    small = dict(width=16, decoder_layers=1, queries=5, labels=dict(id2label={0: "a"}))
     if kind == "detr_padded":
-        bb = t.ResNetConfig(
-            embedding_size=8,
-            hidden_sizes=[8, 16, 32, 64],
-            depths=[1, 1, 1, 1],
-            layer_type="basic",
-            out_features=["stage4"],
-        )
-        model = t.DetrForObjectDetection(
-            t.DetrConfig(
-                use_timm_backbone=False,
-                use_pretrained_backbone=False,
-                backbone_config=bb,
-                d_model=16,
-                encoder_layers=1,
-                decoder_layers=1,
-                encoder_attention_heads=2,
-                decoder_attention_heads=2,
-                encoder_ffn_dim=16,
-                decoder_ffn_dim=16,
-                num_queries=5,
-                id2label={0: "a"},
-            )
-        )
+        model = t.DetrForObjectDetection(tiny_config("detr", **small))
         # aspect-preserving resize (shortest edge 96 -> 96 x 160) then bottom-right padding to 128 x 192
         proc = t.DetrImageProcessor(
             size={"shortest_edge": 96, "longest_edge": 400},
@@ -62,30 +44,7 @@ def _folder(tmp_path, kind):
             pad_size={"height": 128, "width": 192},
         )
     else:
-        bb = t.RTDetrResNetConfig(
-            embedding_size=8,
-            hidden_sizes=[8, 16, 32, 64],
-            depths=[1, 1, 1, 1],
-            layer_type="basic",
-            out_indices=[2, 3, 4],
-        )
-        model = t.RTDetrForObjectDetection(
-            t.RTDetrConfig(
-                backbone_config=bb,
-                encoder_in_channels=[16, 32, 64],
-                encoder_hidden_dim=16,
-                d_model=16,
-                decoder_in_channels=[16, 16, 16],
-                encoder_ffn_dim=16,
-                decoder_ffn_dim=16,
-                decoder_layers=1,
-                encoder_attention_heads=2,
-                decoder_attention_heads=2,
-                num_queries=5,
-                num_denoising=0,
-                id2label={0: "a"},
-            )
-        )
+        model = t.RTDetrForObjectDetection(tiny_config("rt_detr", **small))
         # non-uniform fixed resize: sx = 160/200 = 0.8, sy = 64/120 = 0.533
         proc = t.RTDetrImageProcessor(size={"height": 64, "width": 160})
     folder = tmp_path / kind

@@ -11,14 +11,9 @@ from mfdetr.model import build_mask_net, count_parameters
 from mfdetr.model.config import LossConfig, MaskNetConfig
 from mfdetr.model.losses import compute_losses
 from tests.synth_batches import SyntheticCache
+from tests.tiny_train import small_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def small(**kw) -> MaskNetConfig:
-    base = dict(dim=32, box_dim=16, roi_size=16, fcn_roi_size=8, fcn_dim=16)
-    base.update(kw)
-    return MaskNetConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +49,7 @@ VARIANTS = [
 def test_forward_contract(data, opts):
     ds, batch = data
     torch.manual_seed(0)
-    cfg = small(**opts)
+    cfg = small_net(**opts)
     net = build_mask_net(cfg, ds.levels, ds.query_dim)
     out = net(batch)
     rows = batch["valid"].nonzero()
@@ -87,13 +82,13 @@ def test_forward_contract(data, opts):
 
 def test_rois_use_the_scale_and_the_default_is_small(data):
     ds, batch = data
-    net = build_mask_net(small(), ds.levels, ds.query_dim)
+    net = build_mask_net(small_net(), ds.levels, ds.query_dim)
     _, strides, rows, rois = net.features_and_rois(batch, None)
     b, k = rows[:, 0], rows[:, 1]
     assert torch.allclose(rois[:, 1:], batch["boxes"][b, k] * 0.75)
     assert torch.equal(rois[:, 0], b.float())
     assert strides == [4]  # default fuse_stride 4: every level fused onto one stride-4 map
-    net8 = build_mask_net(small(fuse_stride=8), ds.levels, ds.query_dim)
+    net8 = build_mask_net(small_net(fuse_stride=8), ds.levels, ds.query_dim)
     assert net8.features_and_rois(batch, None)[1] == [
         8,
         4,
@@ -117,7 +112,7 @@ def test_padded_batch_of_different_sizes(data):
     recs[1] = SyntheticCache(4, size=40, seed=4)[0]
     batch = ds.collate(recs)
     assert batch["features"]["s4"].shape[-1] == 12 and int(batch["feat_size"][1, 0, 1]) == 10
-    net = build_mask_net(small(coarse_attn_max_tokens=80), ds.levels, ds.query_dim)
+    net = build_mask_net(small_net(coarse_attn_max_tokens=80), ds.levels, ds.query_dim)
     out = net(batch)
     assert torch.isfinite(out["mask_logits"]).all()
 
@@ -125,8 +120,8 @@ def test_padded_batch_of_different_sizes(data):
 def test_clear_errors_for_levels_channels_and_query_width(data):
     ds, batch = data
     with pytest.raises(MfdetrError, match=r"level\(s\) \['e32'\].*s4"):
-        build_mask_net(small(levels=["s8", "e32"]), ds.levels, ds.query_dim)
-    net = build_mask_net(small(), ds.levels, ds.query_dim)
+        build_mask_net(small_net(levels=["s8", "e32"]), ds.levels, ds.query_dim)
+    net = build_mask_net(small_net(), ds.levels, ds.query_dim)
     bad = dict(batch, features=dict(batch["features"], s8=batch["features"]["s8"][:, :5]))
     with pytest.raises(
         MfdetrError, match=r"'s8' has 5 channels in the batch but the mask network was built for 12"
@@ -142,7 +137,7 @@ def test_clear_errors_for_levels_channels_and_query_width(data):
 def test_overfits_one_fixed_batch(data, head):
     ds, batch = data
     torch.manual_seed(0)
-    net = build_mask_net(small(head=head), ds.levels, ds.query_dim)
+    net = build_mask_net(small_net(head=head), ds.levels, ds.query_dim)
     opt = torch.optim.AdamW(net.parameters(), 3e-3)
     lc = LossConfig(mask_loss="dense")
     losses = []

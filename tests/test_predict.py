@@ -26,9 +26,9 @@ def trained(tmp_path_factory):
     from mfdetr.cache.schema import ExtractOptions
     from mfdetr.data.synth import make_synth
     from mfdetr.extract.loop import extract
-    from mfdetr.model.config import MaskNetConfig
-    from mfdetr.train.config import TrainConfig
+    from mfdetr.model.config import LossConfig, MaskNetConfig
     from mfdetr.train.loop import train_from_cache
+    from tests.tiny_train import small_train
 
     root = tmp_path_factory.mktemp("e2e")
     info = make_synth(root / "data", train=6, val=3, size=64, seed=3, workers=1)
@@ -45,25 +45,10 @@ def trained(tmp_path_factory):
             progress=False,
         )
         caches[split] = res.path
-    cfg = TrainConfig(
-        model=MaskNetConfig(
-            dim=16,
-            box_dim=16,
-            roi_size=8,
-            mask_upsample=2,
-            image_encoder_depth=1,
-            coarse_attn_layers=0,
-            box_encoder_layers=1,
-            object_attn_layers=1,
-        ),
-        epochs=1,
-        batch_size=3,
-        warmup_iters=1,
-        workers=0,
-        device="cpu",
-        threads=1,
-        log_every=100,
-    )
+    # narrow and shallow (one block per stage, no cross-level attention), with 2x upsampled masks
+    shallow = dict(image_encoder_depth=1, coarse_attn_layers=0, box_encoder_layers=1)
+    net = MaskNetConfig(dim=16, box_dim=16, roi_size=8, mask_upsample=2, **shallow)
+    cfg = small_train(model=net, loss=LossConfig(), epochs=1, batch_size=3, warmup_iters=1, log_every=100)
     run = train_from_cache(caches["train"], root / "run", cfg, progress=False)
     return {"root": root, "info": info, "caches": caches, "ckpt": Path(run.checkpoint)}
 
@@ -298,11 +283,11 @@ def test_cli_out_under_a_file_or_read_only(trained, tmp_path, capsys, monkeypatc
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("mfdetr.evaluate.config.tempfile.mkstemp", read_only)
+    monkeypatch.setattr("mfdetr.utils.fs.tempfile.mkstemp", read_only)
     code, out, err = cli(_eval_args(trained, tmp_path / "ro"), capsys)
-    assert_clean_error(code, out, err, "--out", "Read-only file system")
+    assert_clean_error(code, out, err, "--out", "read-only file system")
     code, out, err = cli([*pred, "--out", tmp_path / "ro2"], capsys)
-    assert_clean_error(code, out, err, "--out", "Read-only file system")
+    assert_clean_error(code, out, err, "--out", "read-only file system")
 
 
 def test_cli_evaluate_degenerate_gt(trained, tmp_path, capsys):

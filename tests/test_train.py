@@ -13,29 +13,11 @@ from mfdetr.detectors.base import LevelSpec
 from mfdetr.errors import MfdetrError
 from mfdetr.model.checkpoint import load_mask_net, read_checkpoint
 from mfdetr.model.config import LossConfig, MaskNetConfig
-from mfdetr.train.config import TrainConfig
 from mfdetr.train.loop import train_from_cache
 from mfdetr.train.schedule import lr_factor
 from mfdetr.train.selection import train_select, val_select
 from tests.synth_batches import LEVELS, SyntheticCache
-from tests.tiny_train import fast_train_flags
-
-
-def small_cfg(**kw) -> TrainConfig:
-    base = dict(
-        model=MaskNetConfig(dim=32, box_dim=16, roi_size=16, fcn_roi_size=8, fcn_dim=16),
-        loss=LossConfig(num_points=128),
-        epochs=2,
-        batch_size=4,
-        lr=2e-3,
-        warmup_iters=2,
-        workers=0,
-        threads=1,
-        device="cpu",
-        log_every=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+from tests.tiny_train import fast_train_flags, small_train
 
 
 # --------------------------------------------------------------------------- a real tiny cache
@@ -110,7 +92,7 @@ def test_trains_from_a_real_cache_alone_then_resumes_from_the_cli(tiny_cache, tm
 # --------------------------------------------------------------------------- exact resume
 def test_resume_gives_the_uninterrupted_loss_sequence_and_weights(tmp_path):
     ds, val = SyntheticCache(16), SyntheticCache(4, seed=7)
-    cfg = small_cfg(epochs=2)
+    cfg = small_train(epochs=2)
     full = train_from_cache(ds, tmp_path / "a", cfg, val_cache=val, progress=False)
     steps_per_epoch = 4
     assert full.steps == 2 * steps_per_epoch and len(full.losses) == 8
@@ -158,7 +140,7 @@ def test_preloaded_cache_trains_exactly_like_the_streamed_one(tiny_cache, tmp_pa
         train_from_cache(
             tiny_cache,
             tmp_path / name,
-            small_cfg(preload=preload, workers=1, **kw),
+            small_train(preload=preload, workers=1, **kw),
             val_cache=tiny_cache,
             progress=False,
         )
@@ -172,8 +154,8 @@ def test_preloaded_cache_trains_exactly_like_the_streamed_one(tiny_cache, tmp_pa
 
 def test_a_different_seed_gives_a_different_run(tmp_path):
     ds = SyntheticCache(8)
-    a = train_from_cache(ds, tmp_path / "a", small_cfg(epochs=1, seed=0), progress=False)
-    b = train_from_cache(ds, tmp_path / "b", small_cfg(epochs=1, seed=1), progress=False)
+    a = train_from_cache(ds, tmp_path / "a", small_train(epochs=1, seed=0), progress=False)
+    b = train_from_cache(ds, tmp_path / "b", small_train(epochs=1, seed=1), progress=False)
     assert a.losses != b.losses
 
 
@@ -182,39 +164,39 @@ def test_config_and_checkpoint_mismatches_are_clear_errors(tmp_path):
     ds = SyntheticCache(8)
     with pytest.raises(MfdetrError, match=r"level\(s\) \['e8'\].*has levels.*s4"):
         train_from_cache(
-            ds, tmp_path / "x", small_cfg(model=MaskNetConfig(levels=["s4", "e8"])), progress=False
+            ds, tmp_path / "x", small_train(model=MaskNetConfig(levels=["s4", "e8"])), progress=False
         )
 
     run = tmp_path / "run"
-    train_from_cache(ds, run, small_cfg(epochs=1), progress=False)
+    train_from_cache(ds, run, small_train(epochs=1), progress=False)
     with pytest.raises(MfdetrError, match="already holds checkpoints"):
-        train_from_cache(ds, run, small_cfg(epochs=1), progress=False)
+        train_from_cache(ds, run, small_train(epochs=1), progress=False)
     # other channels on a level the checkpoint uses
     other = SyntheticCache(8, levels=[LEVELS[0], LevelSpec("s8", 8, 20), LEVELS[2]])
     with pytest.raises(
         MfdetrError, match=r"trained on level \{'name': 's8', 'stride': 8, 'channels': 12\}.*'channels': 20"
     ):
-        train_from_cache(other, run, small_cfg(epochs=2), resume=True, progress=False)
+        train_from_cache(other, run, small_train(epochs=2), resume=True, progress=False)
     # other query width
     with pytest.raises(MfdetrError, match="queries of width 16 but .* query_dim 24"):
         train_from_cache(
-            SyntheticCache(8, query_dim=24), run, small_cfg(epochs=2), resume=True, progress=False
+            SyntheticCache(8, query_dim=24), run, small_train(epochs=2), resume=True, progress=False
         )
     # another cache of the same shapes (fingerprint)
     with pytest.raises(MfdetrError, match="fingerprint"):
-        train_from_cache(SyntheticCache(8, seed=3), run, small_cfg(epochs=2), resume=True, progress=False)
+        train_from_cache(SyntheticCache(8, seed=3), run, small_train(epochs=2), resume=True, progress=False)
     # another model config
-    cfg = small_cfg(epochs=2)
+    cfg = small_train(epochs=2)
     cfg.model.box_dim = 8
     with pytest.raises(MfdetrError, match="model config differs"):
         train_from_cache(ds, run, cfg, resume=True, progress=False)
     with pytest.raises(MfdetrError, match="no checkpoint"):
-        train_from_cache(ds, tmp_path / "empty", small_cfg(), resume=True, progress=False)
+        train_from_cache(ds, tmp_path / "empty", small_train(), resume=True, progress=False)
     # a val cache of other levels
     with pytest.raises(MfdetrError, match="val cache"):
-        train_from_cache(ds, tmp_path / "v", small_cfg(), val_cache=other, progress=False)
+        train_from_cache(ds, tmp_path / "v", small_train(), val_cache=other, progress=False)
     with pytest.raises(MfdetrError, match="fp16 needs a CUDA"):
-        train_from_cache(ds, tmp_path / "w", small_cfg(amp="fp16"), progress=False)
+        train_from_cache(ds, tmp_path / "w", small_train(amp="fp16"), progress=False)
 
 
 # --------------------------------------------------------------------------- pieces

@@ -14,7 +14,7 @@ from mfdetr.errors import MfdetrError
 from mfdetr.utils.hashing import sha256_json
 from tests.fake_detector import FakeDetector, make_small_synth
 from tests.synth_batches import SyntheticCache
-from tests.test_train import small_cfg
+from tests.tiny_train import small_train
 
 SPEC = "py:tests.test_train_checkpoint:build"
 
@@ -68,7 +68,7 @@ def test_label_mapped_run_predicts_with_the_detector_of_its_cache(tmp_path):
         progress=False,
     )
     assert CacheDataset(res.path).attrs["detector"]["label_map"] == sorted([k, v] for k, v in mapping.items())
-    run = train_from_cache(res.path, tmp_path / "run", small_cfg(epochs=1, batch_size=2), progress=False)
+    run = train_from_cache(res.path, tmp_path / "run", small_train(epochs=1, batch_size=2), progress=False)
     _, meta = load_mask_net(run.checkpoint)
     assert meta["detector"]["topk"] == 6 and meta["detector"]["fingerprint"] == det.fingerprint
     assert {k: v for k, v in meta["detector"]["label_map"]} == mapping
@@ -81,7 +81,7 @@ def test_version_1_checkpoints_read_with_topk_from_their_cache_options(tmp_path)
     from mfdetr.model.checkpoint import read_checkpoint, save_checkpoint
     from mfdetr.train.loop import train_from_cache
 
-    run = train_from_cache(SyntheticCache(8), tmp_path / "run", small_cfg(epochs=1), progress=False)
+    run = train_from_cache(SyntheticCache(8), tmp_path / "run", small_train(epochs=1), progress=False)
     ck = read_checkpoint(run.checkpoint)
     ck["format_version"] = 1
     ck["cache"]["options"] = {"topk": 7}

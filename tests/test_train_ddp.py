@@ -26,23 +26,12 @@ def _rank_main(out: str) -> None:
     """What each torchrun rank runs."""
     import torch
 
-    sys.path.insert(0, str(REPO))
-    from mfdetr.model.config import LossConfig, MaskNetConfig
-    from mfdetr.train.config import TrainConfig
     from mfdetr.train.loop import train_from_cache
     from tests.synth_batches import SyntheticCache
+    from tests.tiny_train import small_train
 
-    cfg = TrainConfig(
-        model=MaskNetConfig(dim=32, box_dim=16, roi_size=16),
-        loss=LossConfig(num_points=128),
-        epochs=2,
-        batch_size=4,
-        lr=2e-3,
-        warmup_iters=1,
-        workers=0,
-        device="cpu",
-        log_every=1,
-    )
+    # threads=0 (auto): the cores per process, which the test checks
+    cfg = small_train(warmup_iters=1, threads=0)
     res = train_from_cache(
         SyntheticCache(16), Path(out) / "run", cfg, val_cache=SyntheticCache(4, seed=9), progress=False
     )

@@ -12,7 +12,7 @@ from mfdetr.model.checkpoint import read_checkpoint
 from mfdetr.ops import parallel
 from mfdetr.train.loop import train_from_cache
 from tests.synth_batches import SyntheticCache
-from tests.test_train import small_cfg
+from tests.tiny_train import small_train
 
 BUSY = "import time\nend = time.time() + 60\nwhile time.time() < end:\n    pass\n"
 
@@ -41,7 +41,7 @@ def test_thread_split_ignores_the_load_unless_asked(monkeypatch):
 
 def test_same_training_beside_busy_processes_is_bitwise_equal(tmp_path, monkeypatch):
     ds = SyntheticCache(8)
-    cfg = small_cfg(epochs=1, threads=2)
+    cfg = small_train(epochs=1, threads=2)
     monkeypatch.setattr(parallel.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine (shared here)
     quiet = train_from_cache(ds, tmp_path / "quiet", cfg, progress=False)
     # busy processes, and the load average a machine shows after minutes of them (a 1-minute mean)

@@ -18,8 +18,7 @@ from mfdetr.train.config import TrainConfig, build_train_config
 from mfdetr.train.loop import train_from_cache
 from tests import test_train
 from tests.synth_batches import SyntheticCache
-from tests.test_train import small_cfg
-from tests.tiny_train import fast_train_flags
+from tests.tiny_train import fast_train_flags, small_train
 
 tiny_cache = test_train.tiny_cache  # the module fixture: a real tiny cache
 
@@ -80,16 +79,18 @@ def test_out_under_a_file_or_read_only_is_a_one_line_error(tiny_cache, tmp_path,
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, err = train_cli(monkeypatch, capsys, tiny_cache, blocker / "run", *FAST)
-    assert_one_line_error(code, err, r"cannot write the run directory --out .*file/run: Not a directory")
+    assert_one_line_error(code, err, r"run directory --out .*file/run: .*file is a file, not a directory")
     code, err = train_cli(monkeypatch, capsys, tiny_cache, blocker, *FAST)
     assert_one_line_error(code, err, r"--out .* is a file")
 
-    def read_only(self, *a, **k):  # root ignores permission bits: simulate the filesystem's answer
+    def read_only(*a, **k):  # root ignores permission bits: simulate the filesystem's answer
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr("mfdetr.utils.fs.tempfile.mkstemp", read_only)
     code, err = train_cli(monkeypatch, capsys, tiny_cache, tmp_path / "ro", *FAST)
-    assert_one_line_error(code, err, r"cannot write the run directory .*Read-only file system")
+    assert_one_line_error(
+        code, err, r"run directory --out .*ro: cannot write in .*ro \(read-only file system\)"
+    )
 
 
 def test_disk_full_during_training(tiny_cache, tmp_path, monkeypatch, capsys):
@@ -106,7 +107,7 @@ def test_disk_full_during_training(tiny_cache, tmp_path, monkeypatch, capsys):
 
 def test_resume_falls_back_to_the_newest_complete_epoch_and_cuts_the_metrics(tmp_path, capsys):
     ds = SyntheticCache(8)
-    cfg = small_cfg(epochs=3)
+    cfg = small_train(epochs=3)
     full = train_from_cache(ds, tmp_path / "a", cfg, progress=False)
     run = tmp_path / "b"
     shutil.copytree(tmp_path / "a", run)

@@ -82,28 +82,57 @@ class ReadGuard:
     damaged: dict[int, Problem]
 
 
-def open_checks(
-    group: zarr.Group, meta: dict[str, Any], path: str, done: np.ndarray, bad: np.ndarray, skip_damaged: bool
-) -> ReadGuard:
-    """A reader's checks at open (``block_problems``, metadata files; with ``skip_damaged`` also
-    presence + sizes of every done block's objects, so that damaged blocks are skipped up front).
-    Raises DamagedCacheError on a problem unless ``skip_damaged`` (then warns with a count)."""
+@dataclass
+class BlockChecks:
+    """What ``check_blocks`` found without reading any block's objects: the layout, the integrity manifest
+    (None: written by an older mfdetr), the damaged metadata files and the damaged blocks."""
+
+    layout: Layout
+    manifest: np.ndarray | None
+    metadata: list[Problem]
+    blocks: dict[int, Problem]
+
+    def object_problems(self, store: Any, done: np.ndarray, full: bool) -> list[Problem]:
+        """``check_objects`` of every fully done block not already damaged (none without a manifest):
+        presence and sizes, with ``full`` crc32c too."""
+        if self.manifest is None:
+            return []
+        blocks = [
+            b
+            for b in range(self.layout.num_blocks)
+            if b not in self.blocks and bool(done[slice(*self.layout.positions(b))].all())
+        ]
+        return check_objects(store, self.layout, self.manifest, blocks, full=full)
+
+
+def check_blocks(
+    group: zarr.Group, meta: dict[str, Any], done: np.ndarray, bad: np.ndarray, reread: bool = False
+) -> BlockChecks:
+    """``block_problems`` and the metadata files' checks of a cache whose ``done``/``bad`` flags were just
+    read. ``reread``: a block that looks damaged has its flags read again (an extract may be writing it)."""
     layout = Layout(group, meta)
     manifest = read_manifest(group)  # after ``done``: a block done then had its manifest already
 
-    def reread(b: int) -> bool:
+    def reread_done(b: int) -> bool:
         s, e = layout.positions(b)
         return bool(np.asarray(group["done"][s:e]).all())
 
-    damaged = block_problems(layout, manifest, done, bad, reread)
-    meta_probs = check_metadata(group.store, expected_metadata(group, layout))
-    if skip_damaged and manifest is not None:
-        blocks = [
-            b
-            for b in range(layout.num_blocks)
-            if b not in damaged and bool(done[slice(*layout.positions(b))].all())
-        ]
-        for p in check_objects(group.store, layout, manifest, blocks, full=False):
+    blocks = block_problems(layout, manifest, done, bad, reread_done if reread else None)
+    return BlockChecks(
+        layout, manifest, check_metadata(group.store, expected_metadata(group, layout)), blocks
+    )
+
+
+def open_checks(
+    group: zarr.Group, meta: dict[str, Any], path: str, done: np.ndarray, bad: np.ndarray, skip_damaged: bool
+) -> ReadGuard:
+    """A reader's checks at open (``check_blocks``; with ``skip_damaged`` also presence + sizes of every
+    done block's objects, so that damaged blocks are skipped up front).
+    Raises DamagedCacheError on a problem unless ``skip_damaged`` (then warns with a count)."""
+    checks = check_blocks(group, meta, done, bad, reread=True)
+    damaged, meta_probs, layout = checks.blocks, checks.metadata, checks.layout
+    if skip_damaged:
+        for p in checks.object_problems(group.store, done, full=False):
             damaged.setdefault(int(p.block), p)  # type: ignore[arg-type]
     probs = meta_probs + [damaged[b] for b in sorted(damaged)]
     if probs and not skip_damaged:
@@ -117,7 +146,9 @@ def open_checks(
             + f": first: {probs[0]}",
             stacklevel=3,
         )
-    return ReadGuard(layout.index, present_mask(manifest, layout.num_blocks, len(layout.names)), damaged)
+    return ReadGuard(
+        layout.index, present_mask(checks.manifest, layout.num_blocks, len(layout.names)), damaged
+    )
 
 
 def describe(err: BaseException) -> str:

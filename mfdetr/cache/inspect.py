@@ -9,16 +9,8 @@ from typing import Any
 import numpy as np
 
 from mfdetr.cache.floats import decode_float
-from mfdetr.cache.guard import DamagedCacheError, describe
-from mfdetr.cache.integrity import (
-    Layout,
-    Problem,
-    block_problems,
-    check_metadata,
-    check_objects,
-    expected_metadata,
-    read_manifest,
-)
+from mfdetr.cache.guard import DamagedCacheError, check_blocks, describe
+from mfdetr.cache.integrity import Layout, Problem
 from mfdetr.cache.reader import CacheDataset, cache_meta, open_cache
 from mfdetr.cache.schema import FEAT_GROUP, array_specs
 from mfdetr.errors import MfdetrError
@@ -232,10 +224,10 @@ def verify_report(path: Any, quick: bool = False, max_images: int | None = None)
         rep.problems.append(Problem("decode", f"the done/bad flags cannot be read: {describe(e)}", "done"))
         return rep
     rep.images_done, rep.images_bad = int(done.sum()), int((done & bad).sum())
-    layout = Layout(g, meta)
-    manifest = read_manifest(g)
-    rep.problems += check_metadata(g.store, expected_metadata(g, layout))
-    if manifest is None:
+    checks = check_blocks(g, meta, done, bad)
+    layout, blocks = checks.layout, checks.blocks
+    rep.problems += checks.metadata
+    if checks.manifest is None:
         rep.problems.append(
             Problem(
                 "no-manifest",
@@ -243,16 +235,8 @@ def verify_report(path: Any, quick: bool = False, max_images: int | None = None)
                 "objects read as zeros undetected; `mfdetr extract ... --repair` adds one",
             )
         )
-    blocks = block_problems(layout, manifest, done, bad)
     rep.problems += [blocks[b] for b in sorted(blocks)]
-    objs: list[Problem] = []
-    if manifest is not None:
-        ok_blocks = [
-            b
-            for b in range(layout.num_blocks)
-            if b not in blocks and bool(done[slice(*layout.positions(b))].all())
-        ]
-        objs = check_objects(g.store, layout, manifest, ok_blocks, full=not quick)
+    objs = checks.object_problems(g.store, done, full=not quick)
     bad_blocks = set(blocks) | {p.block for p in objs if p.kind != "checksum"}
     images = [] if quick else _check_images(path, meta, done, bad, bad_blocks, layout.block, max_images)
     decoded_bad = {p.block for p in images}

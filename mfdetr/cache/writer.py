@@ -272,7 +272,15 @@ class BlockWriter:
         self.specs = array_specs(meta)
         self.n = int(meta["dataset"]["num_images"])
         self.block = int(meta["options"]["block"])
+        # write_empty_chunks: Zarr would otherwise compare every chunk with the fill value before
+        # writing it (a full pass over each feature map, as costly as compressing it)
         self._arrays = {s.name: group[s.name] for s in self.specs}
+        # the feature maps skip Zarr's empty-chunk test (a full pass over each map comparing it with the
+        # fill value, as costly as compressing it); the small arrays keep it: integrity reads a present
+        # ``bad`` chunk as "some image of the block is bad"
+        for name in self._arrays:
+            if name.startswith(FEAT_GROUP + "/"):
+                self._arrays[name] = self._arrays[name].with_config({"write_empty_chunks": True})
         self.layout = Layout(group, meta)
 
     @property

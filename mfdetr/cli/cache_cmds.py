@@ -7,6 +7,7 @@ import json
 import typer
 
 from mfdetr.cli.app import cache_app
+from mfdetr.cli.options import StorePath
 
 
 def _mb(n: float | None) -> str:
@@ -15,7 +16,7 @@ def _mb(n: float | None) -> str:
 
 @cache_app.command("info")
 def info_cmd(
-    path: str = typer.Argument(..., help="Cache store path or fsspec URL."),
+    path: StorePath,
     as_json: bool = typer.Option(False, "--json", help="Print the full info as JSON."),
 ) -> None:
     """Images done/total, bytes on disk and per image, ratio to raw float32, detector, dataset, options."""
@@ -65,7 +66,7 @@ def info_cmd(
 
 @cache_app.command("verify")
 def verify_cmd(
-    path: str = typer.Argument(..., help="Cache store path or fsspec URL."),
+    path: StorePath,
     max_images: int | None = typer.Option(None, "--max-images", help="Decode only the first N done images."),
     quick: bool = typer.Option(
         False,

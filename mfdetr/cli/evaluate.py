@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mfdetr.cli.app import app
+from mfdetr.cli.options import MaskThreshold, echo_warnings
 
 
 @app.command("evaluate")
@@ -61,9 +62,7 @@ def evaluate_cmd(
         "--device",
         help="Torch device of the mask network (and of the chunked paste off the CPU): cpu, cuda, cuda:1, ..",
     ),
-    mask_threshold: float = typer.Option(
-        0.5, "--mask-threshold", min=0.0, max=1.0, help="Probability threshold of the pasted masks."
-    ),
+    mask_threshold: MaskThreshold = 0.5,
     evaluator: str = typer.Option(
         "faster",
         "--evaluator",
@@ -98,8 +97,7 @@ def evaluate_cmd(
         progress=True,
     )
     res = evaluate(cache, checkpoint, cfg, annotations=annotations, out=out)
-    for w in res.warnings:
-        typer.echo(f"warning: {w}", err=True)
+    echo_warnings(res.warnings)
     typer.echo(res.table())
     out_dir = Path(res.files["summary"]).parent
     typer.echo(

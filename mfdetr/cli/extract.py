@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mfdetr.cli.app import app
+from mfdetr.cli.options import comma_list, echo_warnings
 
 
 @app.command("extract")
@@ -46,12 +47,13 @@ def extract_cmd(
         "float16", "--dtype", help="Storage dtype of features and queries: float16, bfloat16 or float32."
     ),
     codec: str = typer.Option(
-        "zstd",
+        "blosc-zstd",
         "--codec",
-        help="Compressor: zstd, lz4 (Blosc, byte shuffle), blosc-zstd (Blosc zstd, byte shuffle) or none.",
+        help="Compressor: blosc-zstd (Blosc zstd, byte shuffle; as small as zstd 3 at half its CPU), "
+        "zstd, lz4 (Blosc, byte shuffle) or none.",
     ),
     codec_level: int | None = typer.Option(
-        None, "--codec-level", help="Compression level (default: zstd 3, lz4 5, blosc-zstd 3)."
+        None, "--codec-level", help="Compression level (default: blosc-zstd 1, zstd 3, lz4 5)."
     ),
     keepbits: int | None = typer.Option(
         None,
@@ -110,12 +112,11 @@ def extract_cmd(
     workers: int = typer.Option(
         2, "--workers", help="DataLoader worker processes decoding images (0 = in process)."
     ),
-    writers: int = typer.Option(
-        1,
+    writers: int | None = typer.Option(
+        None,
         "--writers",
-        help="Writer processes doing matching, conversion, compression and "
-        "writes (0 = a thread of this process). Raise it when the detector is fast (GPU) "
-        "and cores are free.",
+        help="Writer processes doing matching, conversion, compression and writes (0 = a thread of this "
+        "process; default: half the cores the --workers leave, 1 to 8).",
     ),
     shard: str | None = typer.Option(
         None,
@@ -148,7 +149,7 @@ def extract_cmd(
 
     opts = ExtractOptions(
         topk=topk,
-        levels=[s.strip() for s in levels.split(",") if s.strip()] if levels else None,
+        levels=comma_list(levels),
         dtype=dtype,  # type: ignore[arg-type]
         codec=codec,  # type: ignore[arg-type]
         codec_level=codec_level,
@@ -159,7 +160,7 @@ def extract_cmd(
         quant=quant,  # type: ignore[arg-type]
         quant_bits=quant_bits,
         project=parse_project(project),
-        box_mask=[s.strip() for s in box_mask.split(",") if s.strip()] if box_mask else None,
+        box_mask=comma_list(box_mask),
         box_margin=box_margin,
         calib_images=calib_images,
     )
@@ -185,8 +186,7 @@ def extract_cmd(
         typer.echo(f"repaired metadata file {f}")
     if res.repaired:
         typer.echo(f"re-extracted {len(res.repaired)} damaged or missing block(s): {res.repaired}")
-    for w in res.warnings:
-        typer.echo(f"warning: {w}", err=True)
+    echo_warnings(res.warnings)
     if res.rank != 0:
         return
     who = f" (shard {shard})" if shard else (f" (rank 0 of {res.world})" if res.world > 1 else "")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mfdetr.cli.app import app
+from mfdetr.cli.options import MaskThreshold, echo_warnings
 
 
 @app.command("predict")
@@ -40,9 +41,7 @@ def predict_cmd(
     batch_size: int = typer.Option(
         4, "--batch-size", min=1, help="Images per detector / mask-network batch."
     ),
-    mask_threshold: float = typer.Option(
-        0.5, "--mask-threshold", min=0.0, max=1.0, help="Probability threshold of the pasted masks."
-    ),
+    mask_threshold: MaskThreshold = 0.5,
     vis: bool = typer.Option(
         True, "--vis/--no-vis", help="Write an overlay PNG per image (masks, boxes, labels, scores)."
     ),
@@ -79,8 +78,7 @@ def predict_cmd(
         progress=True,
     )
     res = predict(checkpoint, images, out, cfg, detector=detector)
-    for w in res.warnings:
-        typer.echo(f"warning: {w}", err=True)
+    echo_warnings(res.warnings)
     skipped = f" ({len(res.skipped)} unreadable image(s) skipped)" if res.skipped else ""
     typer.echo(
         f"{res.num_images} images, {len(res.results)} masks -> {res.files['predictions']}{skipped}", err=True

@@ -1,10 +1,8 @@
 """How ``evaluate`` and ``predict`` run: one dataclass each (the CLI and the pipeline build them), and
-the output-folder check both do before any work."""
+how they write their JSON files."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,28 +88,6 @@ class PredictConfig:
         _check_range("--score-threshold", self.score_threshold, 0.0, 1.0)
         _check_range("--mask-threshold", self.mask_threshold, 0.0, 1.0)
         return self
-
-
-def prepare_out_dir(out: Path, option: str = "--out") -> Path:
-    """Create ``out`` and check that files can be written there, before any work is done."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except FileExistsError:
-        raise MfdetrError(f"{option} {out}: a file of that name exists; choose a folder") from None
-    except NotADirectoryError:
-        raise MfdetrError(
-            f"{option} {out}: a part of that path is a regular file, not a folder; "
-            "choose another output folder"
-        ) from None
-    except OSError as e:
-        raise MfdetrError(
-            f"{option} {out}: cannot write there ({e.strerror or e}); choose a writable output folder"
-        ) from None
-    return out
 
 
 def write_json(path: Path, obj: object, indent: int | None = None) -> Path:

@@ -20,24 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mfdetr.errors import MfdetrError
 from mfdetr.evaluate.coco_eval import EvalMetrics, evaluate_results, format_table
 from mfdetr.evaluate.coco_results import ResultPool
-from mfdetr.evaluate.config import EvalConfig, prepare_out_dir, write_json
+from mfdetr.evaluate.config import EvalConfig, write_json
 from mfdetr.evaluate.gt import GroundTruth, load_ground_truth
 from mfdetr.evaluate.jobs import box_results, image_jobs
 from mfdetr.evaluate.meta import check_compatible
+from mfdetr.utils.fs import ensure_writable_dir
 from mfdetr.utils.progress import progress_bar
-
-
-def read_image(path: str | Path, what: str | None = None) -> np.ndarray:
-    """uint8 ``[3, H, W]`` RGB of an image file (the one image reader, :mod:`mfdetr.data.image_io`)."""
-    from mfdetr.data.image_io import load_image
-
-    return load_image(Path(path), what=what).numpy()
 
 
 @dataclass
@@ -141,7 +134,8 @@ def evaluate(
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise MfdetrError(f"checkpoint {checkpoint} does not exist")
-    out = prepare_out_dir(Path(out) if out is not None else _default_out(checkpoint))
+    out = Path(out) if out is not None else _default_out(checkpoint)
+    ensure_writable_dir(out, "--out")
     ds = CacheDataset(cache, load_targets=False)
     dataset_attrs = ds.attrs.get("dataset") or {}
     if annotations is None:
@@ -260,6 +254,7 @@ def _overlays(
     images_root: str | None,
     cat_names: dict[int, str],
 ) -> list[str]:
+    from mfdetr.data.image_io import load_image
     from mfdetr.evaluate.overlays import save_overlay
 
     vis_ids = c.image_ids[: cfg.vis]
@@ -271,7 +266,7 @@ def _overlays(
     for iid in vis_ids:
         path = _image_path(images_root, gt, gt.imgs[iid]["file_name"])
         try:
-            image = read_image(path, what=f"image id {iid} (for --vis)")
+            image = load_image(Path(path), what=f"image id {iid} (for --vis)").numpy()
         except MfdetrError as e:
             raise MfdetrError(f"{e} (or pass --vis 0)") from None
         try:
@@ -304,7 +299,8 @@ def evaluate_batches(
     ``summary.json`` and the overlays to ``out``."""
     t_start = time.perf_counter() if t_start is None else t_start
     cfg = (cfg or EvalConfig()).validate()
-    out = prepare_out_dir(out)
+    out = Path(out)
+    ensure_writable_dir(out, "--out")
     cats = categories or gt.categories()
     cat_names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
     c = _infer(model, batches, gt, cfg, num_images, paste_on_device)

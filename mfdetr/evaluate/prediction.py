@@ -21,9 +21,10 @@ import torch
 from mfdetr.data.image_io import load_image
 from mfdetr.errors import MfdetrError
 from mfdetr.evaluate.coco_results import image_results
-from mfdetr.evaluate.config import PredictConfig, prepare_out_dir, write_json
+from mfdetr.evaluate.config import PredictConfig, write_json
 from mfdetr.evaluate.jobs import image_jobs
 from mfdetr.evaluate.meta import meta_categories, meta_detector
+from mfdetr.utils.fs import ensure_writable_dir
 from mfdetr.utils.progress import progress_bar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -146,7 +147,8 @@ def predict(
     if not checkpoint.exists():
         raise MfdetrError(f"checkpoint {checkpoint} does not exist")
     paths = expand_images(images)
-    out = prepare_out_dir(Path(out))
+    out = Path(out)
+    ensure_writable_dir(out, "--out")
     model, det, det_topk, cat_names = _build(checkpoint, detector, categories, cfg)
     dev = torch.device(cfg.device)
     results: list[dict[str, Any]] = []

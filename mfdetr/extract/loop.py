@@ -51,7 +51,8 @@ from mfdetr.extract.plan import (
     resolve_store_path,
 )
 from mfdetr.extract.source import FATAL, BatchSource, identity
-from mfdetr.extract.writers import ProcessWriter, ThreadWriter
+from mfdetr.extract.transfer import HostTransfer
+from mfdetr.extract.writers import ProcessWriter, ThreadWriter, default_writers
 from mfdetr.utils.device import resolve_device
 from mfdetr.utils.fs import is_disk_full
 from mfdetr.utils.progress import progress_bar
@@ -69,7 +70,7 @@ def extract(
     device: str = "cpu",
     batch_size: int = 4,
     workers: int = 2,
-    writers: int = 1,
+    writers: int | None = None,
     shard: tuple[int, int] | None = None,
     skip_bad: bool = False,
     progress: bool = True,
@@ -81,7 +82,7 @@ def extract(
 
     workers: DataLoader processes decoding images and masks (0 = in this process).
     writers: processes converting, matching, compressing and writing blocks (0 = one thread of
-        this process; raise it when the detector is fast, e.g. on a GPU, and cores are free).
+        this process; None = ``default_writers(workers)``, from the CPU count).
     repair: check every done block's objects against its integrity manifest (crc32c: reads the whole
         cache) and rewrite a damaged root zarr.json; a plain run checks presence + sizes only. Damaged
         or missing blocks are re-extracted either way (``ExtractResult.repaired``).
@@ -167,6 +168,8 @@ def extract(
             prefetch_factor=2 if workers > 0 else None,
         )
         maxsize = max(2, 2 * int(meta["options"]["block"]))
+        writers = default_writers(workers) if writers is None else int(writers)
+        transfer = HostTransfer(meta, detector.device)
         # memory:// stores live in this process only: a writer process would write into its own copy
         use_procs = writers > 0 and not str(path).startswith("memory://")
         bg: Any = (
@@ -198,7 +201,7 @@ def extract(
                 if good:
                     t0 = time.perf_counter()
                     outs = detector.detect([pl["image"].to(detector.device) for _, _, pl in good])
-                    outs = [o.to("cpu") for o in outs]
+                    outs = transfer(outs)
                     timings["detect"] += time.perf_counter() - t0
                 byp = {p: o for (p, _, _), o in zip(good, outs)}
                 for p, iid, pl, reason in batch:
@@ -210,6 +213,7 @@ def extract(
                 bar.update(len(batch))
             t0 = time.perf_counter()
             written, timings["write"], f16_stats, write_cpu = bg.finish()
+            transfer.merge_stats_into(f16_stats)
             if write_cpu is not None:
                 timings["write_cpu"] = write_cpu
             timings["final_write_wait"] = time.perf_counter() - t0

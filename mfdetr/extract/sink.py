@@ -7,9 +7,8 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
-from mfdetr.cache.floats import encode_float
+from mfdetr.cache.floats import encode_float, stats_sampled
 from mfdetr.cache.schema import FEAT_GROUP, QPARAM_GROUP
 from mfdetr.cache.storage import StorageCodec
 from mfdetr.cache.writer import BlockWriter
@@ -41,9 +40,9 @@ class Sink:
         self.codec = StorageCodec(meta)
 
     def _stats(self, name: str) -> dict[str, int] | None:
-        # float16 range statistics on a sample of images (the first 8, then 1 in 16): underflow is
-        # a property of the detector's level, and counting costs a few passes over each map
-        if self.dtype != "float16" or not (self._n_encoded < 8 or self._n_encoded % 16 == 0):
+        # float16 range statistics on a sample of images (maps converted on the detector's device were
+        # counted there: they arrive in the storage dtype and are not counted again)
+        if self.dtype != "float16" or not stats_sampled(self._n_encoded):
             return None
         return self.f16_stats.setdefault(name, {})
 
@@ -67,8 +66,8 @@ class Sink:
         scores[:n] = o.scores[:n].float().numpy()
         labels = np.full(k, -1, np.int64)
         labels[:n] = o.labels[:n].long().numpy()
-        queries = torch.zeros((k, d), dtype=torch.float32)
-        queries[:n] = o.queries[:n].float()
+        queries = o.queries.new_zeros((k, d))  # float32, or the storage dtype when converted on the device
+        queries[:n] = o.queries[:n]
         vals: dict[str, np.ndarray] = {
             "image_id": np.int64(image_id),
             "orig_size": np.asarray(o.orig_size, np.int32),

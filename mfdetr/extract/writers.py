@@ -11,10 +11,21 @@ from typing import Any
 
 import torch
 
+from mfdetr.cache.floats import merge_stats
 from mfdetr.cache.writer import BlockWriter, create_or_open
 from mfdetr.errors import MfdetrError
 from mfdetr.extract.sink import Sink
 from mfdetr.utils.fs import is_disk_full
+
+
+def default_writers(workers: int) -> int:
+    """Writer processes when none is asked for: half the cores the DataLoader workers leave (the
+    detector process keeps the rest), at least 1, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, (cores - max(0, int(workers))) // 2))
 
 
 class ThreadWriter:
@@ -190,10 +201,7 @@ class ProcessWriter:
         busy = sum(r[2] for r in self.results)
         stats: dict[str, dict[str, int]] = {}
         for r in self.results:
-            for name, st in r[3].items():
-                acc = stats.setdefault(name, {})
-                for key, v in st.items():
-                    acc[key] = acc.get(key, 0) + v
+            merge_stats(stats, r[3])
         return written, busy, stats, sum(r[4] for r in self.results)
 
     def abort(self) -> None:

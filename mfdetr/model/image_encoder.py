@@ -104,6 +104,22 @@ def sine_pos_embed_2d(h: int, w: int, dim: int, device: torch.device, dtype: tor
     return emb.to(dtype)
 
 
+def transformer_layers(dim: int, heads: int, n: int) -> nn.ModuleList:
+    """``n`` pre-norm transformer encoder layers (GELU MLP of width 2 x dim, no dropout), batch first."""
+    return nn.ModuleList(
+        nn.TransformerEncoderLayer(
+            dim,
+            heads,
+            dim_feedforward=2 * dim,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        for _ in range(n)
+    )
+
+
 def _upsample_to(x: Tensor, factor: float, size: Sequence[int]) -> Tensor:
     """Bilinear upsampling by the exact stride ratio (cell centres stay aligned in the input frame),
     then cropped / zero-padded to ``size`` (``ceil(h/s)`` sizes need not be exact multiples)."""
@@ -135,18 +151,7 @@ class CoarseAttention(nn.Module):
         super().__init__()
         self.level_embed = nn.Parameter(torch.zeros(num_levels, dim))
         nn.init.normal_(self.level_embed, std=0.02)
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                dim,
-                heads,
-                dim_feedforward=2 * dim,
-                dropout=0.0,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
-            )
-            for _ in range(layers)
-        )
+        self.layers = transformer_layers(dim, heads, layers)
 
     def forward(self, maps: list[Tensor], sizes: Tensor, level_ids: Sequence[int]) -> list[Tensor]:
         """maps: [B,dim,H_l,W_l] per level; sizes: [B,L,2] true (h, w) per level (rest is padding);

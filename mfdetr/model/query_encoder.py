@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mfdetr.model.image_encoder import transformer_layers
+
 
 class MLP(nn.Module):
     """Linear -> GELU -> Linear."""
@@ -48,18 +50,7 @@ class QueryEncoder(nn.Module):
         self.fusion = fusion
         self.norm = nn.LayerNorm(query_dim)
         self.project = MLP(query_dim, dim, dim)
-        self.object_attn = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                dim,
-                heads,
-                dim_feedforward=2 * dim,
-                dropout=0.0,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
-            )
-            for _ in range(object_attn_layers)
-        )
+        self.object_attn = transformer_layers(dim, heads, object_attn_layers)
         self.out_norm = nn.LayerNorm(dim)
         n_mod = {"film": 2 * box_dim, "add": box_dim}.get(fusion, 0)
         self.modulate = nn.Linear(dim, n_mod) if n_mod else None

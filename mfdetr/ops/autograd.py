@@ -4,13 +4,16 @@
   in the level's own memory format;
 - ``WeightedGather``: the flat API's gather from a ``flatten_levels`` buffer;
 - ``FlattenLevels``: ``flatten_levels``'s copy into the buffer, and its backward;
-- ``build``: the tap lists (``taps.build_taps``) of a call's plan.
+- ``Plan`` / ``build``: a call's rois and options, and their tap lists (``taps.build_taps``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,17 +26,30 @@ from mfdetr.ops.taps import LevelShape
 # the taps of a call
 
 
-def build(plan: dict, shapes: Sequence[LevelShape], workers: int):
+@dataclass(frozen=True)
+class Plan:
+    """One call's rois and options: what its taps depend on (``taps.build_taps``'s arguments)."""
+
+    rois: Tensor
+    scales: list[float]
+    out_hw: tuple[int, int]
+    sampling_ratio: int
+    aligned: bool
+    per_level: bool
+    ct: torch.dtype
+
+
+def build(plan: Plan, shapes: Sequence[LevelShape], workers: int):
     with parallel.serial():
         return taps.build_taps(
-            plan["rois"],
+            plan.rois,
             shapes,
-            plan["scales"],
-            plan["out_hw"],
-            plan["sampling_ratio"],
-            plan["aligned"],
-            plan["per_level"],
-            plan["ct"],
+            plan.scales,
+            plan.out_hw,
+            plan.sampling_ratio,
+            plan.aligned,
+            plan.per_level,
+            plan.ct,
             lambda tasks: parallel.run_tasks(tasks, workers),
         )
 
@@ -42,20 +58,32 @@ def build(plan: dict, shapes: Sequence[LevelShape], workers: int):
 # autograd
 
 
+def serial_backward(fn: Callable[..., Any]) -> Any:
+    """An autograd Function's ``backward`` (a staticmethod) that runs ``fn`` with stray ATen ops
+    single-threaded: the big steps use the task pool."""
+
+    @functools.wraps(fn)
+    def backward(ctx: Any, *grads: Tensor) -> Any:
+        with parallel.serial():
+            return fn(ctx, *grads)
+
+    return staticmethod(backward)
+
+
 class FusedRoIAlign(torch.autograd.Function):
     """features (any layout/dtype) -> gathered rows [nbags, C] (compute dtype)."""
 
     @staticmethod
-    def forward(ctx, plan: dict, *features: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, plan: Plan, *features: Tensor) -> Tensor:  # type: ignore[override]
         # stray ATen ops single-threaded too (the big steps use the task pool); no autocast inside: the
         # taps and the gather are float32 by design, whatever autocast region (bf16 training) calls us
         with parallel.serial(), no_autocast(features[0].device):
             return FusedRoIAlign._forward(ctx, plan, *features)
 
     @staticmethod
-    def _forward(ctx, plan: dict, *features: Tensor) -> Tensor:
+    def _forward(ctx, plan: Plan, *features: Tensor) -> Tensor:
         f0 = features[0]
-        ct, dev = plan["ct"], f0.device
+        ct, dev = plan.ct, f0.device
         shapes = [(int(f.shape[0]), int(f.shape[2]), int(f.shape[3])) for f in features]
         C = int(f0.shape[1])
         workers = parallel.n_workers(dev)
@@ -77,13 +105,8 @@ class FusedRoIAlign(torch.autograd.Function):
         ctx.meta = (shapes, C, [f.dtype for f in features], [_layout(f) for f in features])
         return rows
 
-    @staticmethod
+    @serial_backward
     def backward(ctx, grad_rows: Tensor):  # type: ignore[override]
-        with parallel.serial():
-            return FusedRoIAlign._backward(ctx, grad_rows)
-
-    @staticmethod
-    def _backward(ctx, grad_rows: Tensor):
         idx, w, offsets = ctx.saved_tensors
         shapes, C, dtypes, layouts = ctx.meta
         needs = ctx.needs_input_grad[1:]
@@ -141,13 +164,8 @@ class WeightedGather(torch.autograd.Function):
         with parallel.serial(), no_autocast(buf.device):
             return gather_rows(buf, idx, w, offsets, parallel.n_workers(buf.device))
 
-    @staticmethod
+    @serial_backward
     def backward(ctx, grad_rows: Tensor):  # type: ignore[override]
-        with parallel.serial():
-            return WeightedGather._backward(ctx, grad_rows)
-
-    @staticmethod
-    def _backward(ctx, grad_rows: Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         idx, w, offsets = ctx.saved_tensors

@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from mfdetr.errors import MfdetrError
 from mfdetr.ops import parallel, taps
-from mfdetr.ops.autograd import FlattenLevels, FusedRoIAlign, WeightedGather, build
+from mfdetr.ops.autograd import FlattenLevels, FusedRoIAlign, Plan, WeightedGather, build
 from mfdetr.ops.parallel import release_workspace
 from mfdetr.ops.taps import LevelShape
 
@@ -262,18 +263,10 @@ def multilevel_roi_align_flat(
     ct = buffer.dtype
     r_all = _as_rois(rois, ct, buffer.device)
     workers = parallel.n_workers(buffer.device)
+    plan = Plan(r_all, list(spatial_scales), out_hw, int(sampling_ratio), bool(aligned), per_level, ct)
 
     def run(r: Tensor) -> Tensor:
-        plan = dict(
-            rois=r,
-            scales=list(spatial_scales),
-            out_hw=out_hw,
-            sampling_ratio=int(sampling_ratio),
-            aligned=bool(aligned),
-            per_level=per_level,
-            ct=ct,
-        )
-        idx, w, offsets = build(plan, shapes, workers)
+        idx, w, offsets = build(replace(plan, rois=r), shapes, workers)
         rows = WeightedGather.apply(buffer, idx, w, offsets)
         return _shape_rows(rows, r.shape[0], len(shapes), out_hw, per_level)
 
@@ -314,17 +307,10 @@ def multilevel_roi_align(
         )
         return out if out.dtype == dtype else out.to(dtype)
 
+    plan = Plan(r_all, list(spatial_scales), out_hw, int(sampling_ratio), bool(aligned), per_level, ct)
+
     def run(r: Tensor) -> Tensor:
-        plan = dict(
-            rois=r,
-            scales=list(spatial_scales),
-            out_hw=out_hw,
-            sampling_ratio=int(sampling_ratio),
-            aligned=bool(aligned),
-            per_level=per_level,
-            ct=ct,
-        )
-        rows = FusedRoIAlign.apply(plan, *features)
+        rows = FusedRoIAlign.apply(replace(plan, rois=r), *features)
         return _shape_rows(rows, r.shape[0], L, out_hw, per_level)
 
     out = _split_rois(run, r_all)

@@ -4,6 +4,7 @@ how the CLI builds one (defaults <- TOML file <- ``--set`` overrides <- explicit
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,40 +78,35 @@ class TrainConfig:
         return self
 
 
-_CHOICES = {"schedule": ("cosine", "step"), "amp": ("off", "bf16", "fp16"), "preload": ("auto", "on", "off")}
-# field -> (smallest allowed value, whether it must be strictly greater)
-_BOUNDS: dict[str, tuple[float, bool]] = {
-    "lr": (0.0, True),
-    "epochs": (1, False),
-    "batch_size": (1, False),
-    "val_batch_size": (1, False),
-    "weight_decay": (0.0, False),
-    "warmup_iters": (0, False),
-    "min_lr_ratio": (0.0, False),
-    "step_gamma": (0.0, True),
-    "grad_clip": (0.0, False),
-    "workers": (-1, False),
-    "threads": (0, False),
-    "log_every": (1, False),
-    "max_boxes_per_image": (0, False),
-    "val_max_images": (0, False),
-    "val_max_boxes_per_image": (0, False),
-    "preload_max_gb": (0.0, False),
-}
+# the numeric fields, by the bound each keeps: > 0.0 (``_POSITIVE``), else >= the smallest value allowed
+_POSITIVE = ("lr", "step_gamma")
+_AT_LEAST: list[tuple[float, tuple[str, ...]]] = [
+    (-1, ("workers",)),
+    (0, ("warmup_iters", "threads", "max_boxes_per_image", "val_max_images", "val_max_boxes_per_image")),
+    (0.0, ("weight_decay", "min_lr_ratio", "grad_clip", "preload_max_gb")),
+    (1, ("epochs", "batch_size", "val_batch_size", "log_every")),
+]
 
 
 def _option(name: str) -> str:
     return f"--{name.replace('_', '-')} (train.{name})"
 
 
+def _choices() -> dict[str, tuple[Any, ...]]:
+    """field -> its allowed values, for every ``Literal`` field of ``TrainConfig``."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {n: typing.get_args(tp) for n, tp in hints.items() if typing.get_origin(tp) is Literal}
+
+
 def check_train_config(cfg: TrainConfig) -> None:
     """Every numeric field finite and in range, every choice one of its values."""
-    for name, choices in _CHOICES.items():
+    for name, choices in _choices().items():
         if getattr(cfg, name) not in choices:
             raise MfdetrError(
                 f"{_option(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}"
             )
-    for name, (low, strict) in _BOUNDS.items():
+    bounds = [(n, 0.0, True) for n in _POSITIVE] + [(n, low, False) for low, ns in _AT_LEAST for n in ns]
+    for name, low, strict in bounds:
         v = getattr(cfg, name)
         if (
             isinstance(v, bool)

@@ -22,6 +22,7 @@ from mfdetr.train.runtime import log
 from mfdetr.train.schedule import build_scheduler
 from mfdetr.train.step import build_optimizer, build_scaler
 from mfdetr.utils.config import to_dict
+from mfdetr.utils.fs import ensure_writable_dir
 
 
 @dataclass
@@ -60,17 +61,7 @@ class Run:
 def prepare_run_dir(out: Path, resume: bool, info: Any) -> tuple[Path, dict[str, Any]] | None:
     """Check ``out`` is a writable directory; -> the checkpoint to resume from, or None for a fresh run
     (a run directory that already holds checkpoints is an error: never silently overwritten)."""
-    if out.exists() and not out.is_dir():
-        raise MfdetrError(f"--out {out} is a file, not a directory; choose another --out")
-    probe = out / f".write-test-{info.rank}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise MfdetrError(
-            f"cannot write the run directory --out {out}: {e.strerror or e}; choose another --out"
-        ) from e
+    ensure_writable_dir(out, "run directory --out")
     ckpt_dir = out / "checkpoints"
     if not resume:
         if any(ckpt_dir.glob("*.pt")):  # every rank sees the same run dir: all raise, none hangs
