@@ -85,12 +85,13 @@ def test_version_1_checkpoints_read_with_topk_from_their_cache_options(tmp_path)
     ck = read_checkpoint(run.checkpoint)
     ck["format_version"] = 1
     ck["cache"]["options"] = {"topk": 7}
-    del ck["detector"]["topk"], ck["detector"]["label_map"]
+    del ck["detector"]["topk"], ck["detector"]["label_map"], ck["projection"]
     old = read_checkpoint(save_checkpoint(ck, tmp_path / "v1.pt"))
     assert old["detector"]["topk"] == 7 and old["detector"]["label_map"] is None
-    ck["format_version"] = 3
-    with pytest.raises(MfdetrError, match="format version 3.*upgrade mfdetr"):
-        read_checkpoint(save_checkpoint(ck, tmp_path / "v3.pt"))
+    assert "projection" not in old  # v1/v2 recorded none: evaluate skips the bases check
+    ck["format_version"] = 4
+    with pytest.raises(MfdetrError, match="format version 4.*upgrade mfdetr"):
+        read_checkpoint(save_checkpoint(ck, tmp_path / "v4.pt"))
 
 
 @pytest.mark.parametrize(

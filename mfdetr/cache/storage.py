@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from mfdetr.errors import MfdetrError
+from mfdetr.utils.hashing import sha256_json
 
 PCA_MAX_PIXELS = 200_000  # pixels per level used to fit the projection (evenly strided sample)
 _TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -293,6 +294,88 @@ def stored_calibration(path: str, fingerprint: str) -> dict[str, Any] | None:
     if isinstance(meta, dict) and meta.get("fingerprint") == fingerprint and meta.get("storage"):
         return meta["storage"]
     return None
+
+
+def projection_id(storage: dict[str, Any] | None) -> str | None:
+    """Identity of a cache's projections (a hash of their means and bases), None when no level is
+    projected. A mask network reads projected coefficients: its train and val caches must share it."""
+    proj = (storage or {}).get("project") or {}
+    if not proj:
+        return None
+    return sha256_json(proj)[:16]
+
+
+def project_features(features: dict[str, Tensor], projection: dict[str, Any] | None) -> dict[str, Tensor]:
+    """Live detector maps in a cache's projected bases (``projection``: a storage entry's ``project``,
+    as a checkpoint records it): what the reader returns for a projected cache, before quantization."""
+    if not projection:
+        return features
+    out = dict(features)
+    for name, entry in projection.items():
+        out[name] = project(features[name].float().cpu(), unpack(entry["mean"]), unpack(entry["basis"]))
+    return out
+
+
+def check_same_projection(
+    want: str | None, have_storage: dict[str, Any] | None, what: str, source: str
+) -> None:
+    """Refuse ``what`` (a cache) when its projections are not ``want`` (the id those of ``source``, the
+    train cache or a checkpoint, have): the network would read coefficients in other bases."""
+    have = projection_id(have_storage)
+    if want == have:
+        return
+    raise MfdetrError(
+        f"{what} stores its levels in other PCA bases ({have or 'not projected'}) than {source} "
+        f"({want or 'not projected'}): the mask network would read other coefficients. Extract it with "
+        "`mfdetr extract ... --calib-from TRAIN_CACHE` (same options; `mfdetr run` does this for the val split)"
+    )
+
+
+def calibration_id(storage: dict[str, Any]) -> str:
+    """Identity of a whole calibration (projections and int8 ranges), part of the fingerprint of a
+    cache that adopts another's (``extract --calib-from``)."""
+    return sha256_json({k: storage.get(k) for k in ("project", "quant")})[:16]
+
+
+# options a calibration depends on: a cache adopts another's only when they agree on all of them
+CALIB_OPTIONS = ("levels", "project", "quant", "quant_bits", "box_mask", "box_margin", "calib_images")
+
+
+def calibration_from(path: str, detector_fp: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``storage`` entry of the finished cache at ``path``, for a new cache of the same detector and
+    storage options (e.g. the val split adopts the train cache's PCA bases, so one mask network reads
+    both). MfdetrError naming what differs otherwise."""
+    import zarr
+
+    from mfdetr.cache.schema import ATTR_KEY, quiet_zarr
+    from mfdetr.cache.writer import store_arg
+
+    try:
+        with quiet_zarr():
+            meta = zarr.open_group(store_arg(path), mode="r", zarr_format=3).attrs.get(ATTR_KEY)
+    except Exception as e:
+        raise MfdetrError(
+            f"--calib-from {path}: not a readable mfdetr cache ({type(e).__name__}: {e})"
+        ) from e
+    if not isinstance(meta, dict) or not meta.get("storage"):
+        raise MfdetrError(
+            f"--calib-from {path}: that cache holds no storage calibration (it was extracted without "
+            "--project / --quant int8-calib, or its creation did not finish)"
+        )
+    src_fp = (meta.get("detector") or {}).get("fingerprint")
+    if src_fp != detector_fp:
+        raise MfdetrError(
+            f"--calib-from {path}: made by detector fingerprint {str(src_fp)[:12]}, this extraction's is "
+            f"{detector_fp[:12]}: a calibration is only valid for the detector that produced it"
+        )
+    src = meta.get("options") or {}
+    diff = [k for k in CALIB_OPTIONS if src.get(k) != options.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {src.get(k)!r} there, {options.get(k)!r} here" for k in diff)
+        raise MfdetrError(
+            f"--calib-from {path}: storage options differ ({shown}); extract with the same ones"
+        )
+    return meta["storage"]
 
 
 def parse_project(text: str | None) -> dict[str, int] | None:

@@ -100,6 +100,13 @@ def extract_cmd(
     ),
     box_margin: int = typer.Option(2, "--box-margin", help="Cells added around each box for --box-mask."),
     calib_images: int = typer.Option(16, "--calib-images", help="Images fitting --project / int8-calib."),
+    calib_from: str | None = typer.Option(
+        None,
+        "--calib-from",
+        help="A cache of the same detector and storage options whose --project bases and int8-calib "
+        "ranges to adopt instead of fitting new ones: extract a val or test split with its train cache "
+        "here, so that one mask network reads both.",
+    ),
     force: bool = typer.Option(
         False,
         "--force",
@@ -181,6 +188,7 @@ def extract_cmd(
         progress=not no_progress,
         repair=repair,
         force=force,
+        calib_from=calib_from,
     )
     for f in res.repaired_files:
         typer.echo(f"repaired metadata file {f}")

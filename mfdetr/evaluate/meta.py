@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mfdetr.cache.storage import check_same_projection, projection_id
 from mfdetr.detectors.base import level_dicts
 from mfdetr.errors import MfdetrError
 
@@ -53,3 +54,8 @@ def check_compatible(meta: dict[str, Any], cache_attrs: dict[str, Any], cache: s
                 f"checkpoint {checkpoint} needs feature level {lv} that cache {cache} does not hold as such "
                 f"(cache levels: {list(cache_levels.values())}): extract the cache with the same levels"
             )
+    if "projection" in meta:  # format 3 on: the bases the network was trained in
+        want_id = projection_id({"project": meta["projection"]})
+        check_same_projection(
+            want_id, cache_attrs.get("storage"), f"cache {cache}", f"checkpoint {checkpoint}"
+        )

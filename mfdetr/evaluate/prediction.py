@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from mfdetr.cache.storage import project_features, unpack
 from mfdetr.data.image_io import load_image
+from mfdetr.detectors.base import LevelSpec
 from mfdetr.errors import MfdetrError
 from mfdetr.evaluate.coco_results import image_results
 from mfdetr.evaluate.config import PredictConfig, write_json
@@ -105,7 +107,16 @@ def _build(checkpoint: Path, detector_spec: str | None, categories, cfg: Predict
             f"{checkpoint} reads level(s) {missing}"
         )
     cat_names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats or []}
-    return model, detector, det_topk, cat_names
+    return model, detector, det_topk, cat_names, meta.get("projection")
+
+
+def _levels(levels: Sequence[LevelSpec], projection: dict[str, Any] | None) -> list[LevelSpec]:
+    """The detector's levels as the network reads them: projected ones at their projected width."""
+    proj = projection or {}
+    return [
+        LevelSpec(lv.name, lv.stride, int(unpack(proj[lv.name]["basis"]).shape[1])) if lv.name in proj else lv
+        for lv in levels
+    ]
 
 
 def _read(
@@ -149,7 +160,8 @@ def predict(
     paths = expand_images(images)
     out = Path(out)
     ensure_writable_dir(out, "--out")
-    model, det, det_topk, cat_names = _build(checkpoint, detector, categories, cfg)
+    model, det, det_topk, cat_names, projection = _build(checkpoint, detector, categories, cfg)
+    levels = _levels(det.levels, projection)
     dev = torch.device(cfg.device)
     results: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
@@ -163,10 +175,13 @@ def predict(
         if not chunk:
             continue
         outputs = det.detect([im.to(dev) for _, _, im in chunk])
-        records = records_from_detections([o.to("cpu") for o in outputs], topk=det_topk)
+        outputs = [o.to("cpu") for o in outputs]
+        for o in outputs:  # a projected train cache: the network reads the maps in its PCA bases
+            o.features = project_features(o.features, projection)
+        records = records_from_detections(outputs, topk=det_topk)
         for (pos, _, _), r in zip(chunk, records):
             r["index"] = r["image_id"] = pos
-        batch = collate_records(records, det.levels)
+        batch = collate_records(records, levels)
         jobs = image_jobs(
             model, batch, cfg.topk, cfg.mask_score, cfg.mask_threshold, dev, cfg.score_threshold
         )

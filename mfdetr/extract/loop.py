@@ -32,7 +32,13 @@ import torch
 from mfdetr.cache.floats import float16_warnings
 from mfdetr.cache.integrity import repair_scan
 from mfdetr.cache.schema import ExtractOptions, MatchOptions
-from mfdetr.cache.storage import calibrate, needs_calibration, stored_calibration
+from mfdetr.cache.storage import (
+    calibrate,
+    calibration_from,
+    calibration_id,
+    needs_calibration,
+    stored_calibration,
+)
 from mfdetr.cache.writer import BlockWriter, create_or_open, is_url
 from mfdetr.errors import MfdetrError
 from mfdetr.extract.plan import (
@@ -76,6 +82,7 @@ def extract(
     progress: bool = True,
     repair: bool = False,
     force: bool = False,
+    calib_from: str | Path | None = None,
 ) -> ExtractResult:
     """Run ``detector_spec`` (a spec string, or a FrozenDetector object) over the COCO dataset and
     write (or complete, or reuse) its cache; see the module doc. Resumes by default.
@@ -87,6 +94,9 @@ def extract(
         cache) and rewrite a damaged root zarr.json; a plain run checks presence + sizes only. Damaged
         or missing blocks are re-extracted either way (``ExtractResult.repaired``).
     force: extract even when the estimated cache size exceeds the target disk's free space.
+    calib_from: a finished cache of the same detector and storage options whose calibration (PCA
+        bases, int8 ranges) this one adopts instead of fitting its own: the val split must read in the
+        train split's bases (``mfdetr run`` passes the train cache). Ignored without a calibration.
     """
     import torchvision.ops  # noqa: F401  (slow first import: keep it out of the writer thread)
 
@@ -106,17 +116,25 @@ def extract(
     else:
         detector = detector_spec.to(device)
         spec = detector.spec
-    meta = build_meta(detector, dataset, images, annotations, opts)
+    source, adopted = None, None
+    if calib_from is not None and needs_calibration(opts.to_attrs()):
+        adopted = calibration_from(str(calib_from), detector.fingerprint, opts.to_attrs())
+        source = {"path": str(calib_from), "id": calibration_id(adopted)}
+    meta = build_meta(detector, dataset, images, annotations, opts, calib_source=source)
     fp = meta["fingerprint"]
     path = resolve_store_path(spec, annotations, fp, out, cache_root)
     if not is_url(path) and cache_root is not None:
         Path(cache_root).mkdir(parents=True, exist_ok=True)
     need = check_disk_space(path, meta, dataset_input_sizes(detector, dataset), force)
     if needs_calibration(meta["options"]):  # projections / int8 ranges: fitted once, then read back
-        meta["storage"] = stored_calibration(path, fp) or calibrate(
-            meta["options"],
-            meta["detector"]["levels"],
-            calibration_samples(detector, dataset, int(meta["options"]["calib_images"]), opts.topk),
+        meta["storage"] = (
+            adopted
+            or stored_calibration(path, fp)
+            or calibrate(
+                meta["options"],
+                meta["detector"]["levels"],
+                calibration_samples(detector, dataset, int(meta["options"]["calib_images"]), opts.topk),
+            )
         )
 
     # who owns which blocks

@@ -181,9 +181,17 @@ def label_map_attr(detector: Any) -> list[list[int]] | None:
 
 
 def build_meta(
-    detector: Any, dataset: Any, images: Path, annotations: Path, opts: ExtractOptions
+    detector: Any,
+    dataset: Any,
+    images: Path,
+    annotations: Path,
+    opts: ExtractOptions,
+    calib_source: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The group metadata (``mfdetr`` attribute) for this detector x dataset x options."""
+    """The group metadata (``mfdetr`` attribute) for this detector x dataset x options.
+
+    calib_source: ``{path, id}`` of the cache whose storage calibration this one adopts
+    (``--calib-from``); its id joins the fingerprint (a self-calibrated cache has other bases)."""
     levels = level_dicts(detector.levels)
     if opts.levels is not None and [lv["name"] for lv in levels] != list(opts.levels):
         got = [lv["name"] for lv in levels]
@@ -203,8 +211,9 @@ def build_meta(
             opts.dtype,
             feat_itemsize=1 if opts.quant else None,
         )
-    fp = cache_fingerprint(detector.fingerprint, dataset.fingerprint, options)
-    return {
+    fp_options = options if calib_source is None else {**options, "calib_from": calib_source["id"]}
+    fp = cache_fingerprint(detector.fingerprint, dataset.fingerprint, fp_options)
+    meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "mfdetr_version": __version__,
         "fingerprint": fp,
@@ -225,6 +234,9 @@ def build_meta(
         "options": options,
         "padded": padded,
     }
+    if calib_source is not None:
+        meta["calib_source"] = dict(calib_source)
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------

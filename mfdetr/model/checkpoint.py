@@ -10,6 +10,9 @@ A checkpoint is one ``torch.save`` dict:
   ``query_dim``, ``levels`` (every level of the cache, in its order), ``topk`` (boxes per image) and
   ``label_map`` (``[[model label id, dataset category id], ...]`` or None when the cache records none);
 - ``cache``: ``{fingerprint, path, options, num_images}``; ``dataset``: the cache's dataset dict;
+- ``projection``: the train cache's PCA projections (``{level: {mean, basis}}``, packed as the cache
+  stores them) or None: evaluate refuses a cache in other bases, predict projects live features
+  (absent in v1/v2 checkpoints: neither check nor projection then);
 - ``epoch`` (epochs completed), ``step`` (optimizer steps done), ``metrics`` (last epoch's),
   ``best`` (best val mean mask IoU so far), ``world`` (processes);
 - ``model`` (state dict), and for resuming ``optimizer``, ``scheduler``, ``scaler``, ``rng``
@@ -34,7 +37,7 @@ from mfdetr.model.config import MaskNetConfig
 from mfdetr.utils.config import from_dict
 
 FORMAT = "mfdetr-mask-net"
-FORMAT_VERSION = 2  # 2: detector.topk and detector.label_map
+FORMAT_VERSION = 3  # 2: detector.topk and detector.label_map; 3: projection
 _STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "sampler")
 
 
@@ -88,6 +91,7 @@ def build_checkpoint(
             "num_images": int(num_images),
         },
         "dataset": attrs.get("dataset"),
+        "projection": (attrs.get("storage") or {}).get("project") or None,
         "model": model.state_dict(),
     }
     for key in ("epoch", "step", "best", "metrics", "world"):
@@ -167,13 +171,13 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"{path} has checkpoint format version {version}; this mfdetr reads versions 1 to "
             f"{FORMAT_VERSION}: upgrade mfdetr"
         )
-    if version == 1:  # the one migration: v1 kept top-k only in the cache options and no label map
+    if version == 1:  # v1 kept top-k only in the cache options and no label map
         ckpt["detector"] = {
             **ckpt["detector"],
             "topk": (ckpt["cache"].get("options") or {}).get("topk"),
             "label_map": None,
         }
-        ckpt["format_version"] = FORMAT_VERSION
+    ckpt["format_version"] = FORMAT_VERSION
     return ckpt
 
 

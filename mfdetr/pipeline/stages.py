@@ -93,8 +93,9 @@ def stage_data(cfg: PipelineConfig) -> StageRecord:
     return StageRecord("data", time.perf_counter() - t0, True, info)
 
 
-def stage_extract(cfg: PipelineConfig, split: str) -> tuple[StageRecord, Any]:
-    """Extract (or find by fingerprint) the cache of one split under ``cache_root``."""
+def stage_extract(cfg: PipelineConfig, split: str, calib_from: str | None = None) -> tuple[StageRecord, Any]:
+    """Extract (or find by fingerprint) the cache of one split under ``cache_root``; ``calib_from``: the
+    cache whose storage calibration it adopts (the val split reads in the train split's PCA bases)."""
     from mfdetr.extract.loop import extract
 
     images, ann = cfg.data.splits()[split]
@@ -121,6 +122,7 @@ def stage_extract(cfg: PipelineConfig, split: str) -> tuple[StageRecord, Any]:
         device=cfg.detector.device,
         batch_size=cfg.detector.batch_size,
         workers=cfg.detector.workers,
+        calib_from=calib_from,
     )
     detail = {"path": str(res.path), "fingerprint": res.fingerprint, "reused": bool(res.reused)}
     return StageRecord(f"extract-{split}", time.perf_counter() - t0, not res.reused, detail), res
@@ -183,7 +185,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     t_all = time.perf_counter()
     records = [stage_data(cfg)]
     r_train, train_res = stage_extract(cfg, "train")
-    r_val, val_res = stage_extract(cfg, "val")
+    r_val, val_res = stage_extract(cfg, "val", calib_from=str(train_res.path))
     records += [r_train, r_val]
     fps = {"train": train_res.fingerprint, "val": val_res.fingerprint}
     records.append(stage_train(cfg, state, str(train_res.path), str(val_res.path), fps))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mfdetr.cache.storage import check_same_projection, projection_id
 from mfdetr.detectors.base import level_dicts
 from mfdetr.errors import MfdetrError
 from mfdetr.model.config import MaskNetConfig
@@ -89,6 +90,13 @@ def open_caches(cache: Any, val_cache: Any, cfg: TrainConfig) -> tuple[Any, Any]
             f"val cache {val_cache} (levels {level_dicts(vds.levels)}, query_dim {vds.query_dim}) does not "
             f"match train cache {cache} (levels {level_dicts(ds.levels)}, query_dim {ds.query_dim})"
         )
+    train_storage = (getattr(ds, "attrs", None) or {}).get("storage")
+    check_same_projection(
+        projection_id(train_storage),
+        (getattr(vds, "attrs", None) or {}).get("storage"),
+        f"val cache {val_cache}",
+        f"train cache {cache}",
+    )
     return ds, vds
 
 
