@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_workdir_detector_options, r50_config  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CATEGORY_NAMES = ["disc", "square", "triangle", "star", "ring", "cross"]
 
@@ -82,22 +85,12 @@ def shapes_detector(
 def r50_detector(categories, topk: int = 100, levels=None, workdir: Path | None = None):
     """(detector, description): RT-DETR with a ResNet-50 backbone (transformers' default RTDetrConfig), random
     weights, 640x640 input: an R50-class detector at COCO resolution."""
-    import transformers as t
-
     from mfdetr.detectors.registry import build_detector
 
     id2label = {i: c["name"] for i, c in enumerate(categories)}
     folder = Path(workdir or tempfile.mkdtemp()) / "rtdetr_r50_random"
     if not (folder / "config.json").exists():
-        cfg = t.RTDetrConfig(
-            num_labels=len(id2label),
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
-            use_pretrained_backbone=False,
-            use_timm_backbone=False,
-            num_denoising=0,
-        )
-        _save_random_hf(folder, cfg, 640)
+        _save_random_hf(folder, r50_config(id2label), 640)
     det = build_detector(f"hf:{folder}", categories=categories, topk=topk, levels=levels)
     return det, "RT-DETR R50 (random init), 640x640"
 
@@ -271,13 +264,7 @@ def main() -> None:
         help="torch intra-op threads (default 1: on a shared, overloaded machine OpenMP threads "
         "spin-wait for descheduled partners and both wall and CPU times swing 10x)",
     )
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument(
-        "--detector",
-        default=None,
-        help="detector spec for the 192 px rows (default: shapes, or its "
-        "random-weight architecture while the shipped weights are missing)",
-    )
+    add_workdir_detector_options(ap)
     args = ap.parse_args()
     n = 16 if args.quick else args.images
     torch.set_num_threads(args.threads)
@@ -304,25 +291,19 @@ def main() -> None:
         writers=args.writers,
     )
     rows.append(_row("shapes 192px", r))
+
+    def measure640(det, images, ann, opts):  # the 640 px rows: one image per forward, a round less
+        out = work / "overhead640.zarr"
+        return measure(det, images, ann, out, 1, args.workers, max(1, args.rounds - 1), opts, args.writers)
+
     if args.r50 and not args.quick:
         from mfdetr.extract.loop import ExtractOptions
 
         det50, desc50 = r50_detector(cats, workdir=work)
         print(f"detector: {desc50}; levels {[lv.name for lv in det50.levels]}")
         images50, ann50 = synth_data(work / f"synth640_{args.r50_images}", args.r50_images, size=640, seed=12)
-        opts50 = ExtractOptions(block=2)  # the last block's write cannot overlap any forward: keep it short
-        r = measure(
-            det50,
-            images50,
-            ann50,
-            work / "overhead50.zarr",
-            1,
-            args.workers,
-            max(1, args.rounds - 1),
-            opts=opts50,
-            writers=args.writers,
-        )
-        rows.append(_row("R50 640px", r))
+        # the last block's write cannot overlap any forward: keep it short
+        rows.append(_row("R50 640px", measure640(det50, images50, ann50, ExtractOptions(block=2))))
     if args.accel > 0 and not args.quick:
         from mfdetr.data.coco import CocoDataset
         from mfdetr.extract.loop import ExtractOptions
@@ -340,7 +321,7 @@ def main() -> None:
         # side by side: the previous release's path (float32 maps to the writers, zstd 3) and today's defaults
         for label, sim, opts in (
             (
-                "v0.3 path: zstd 3, writers convert",
+                "before: zstd 3, float32 maps to the writers",
                 AcceleratorSim(det50, first, args.accel, dtype=None),
                 ExtractOptions(block=8, codec="zstd"),
             ),
@@ -350,17 +331,7 @@ def main() -> None:
                 ExtractOptions(block=8),
             ),
         ):
-            r = measure(
-                sim,
-                images_a,
-                ann_a,
-                work / "overhead_accel.zarr",
-                1,
-                args.workers,
-                max(1, args.rounds - 1),
-                opts=opts,
-                writers=args.writers,
-            )
+            r = measure640(sim, images_a, ann_a, opts)
             rows.append(_row(f"R50 640px outputs, accelerator sim {args.accel}s/img, {label}", r))
     print()
     print(

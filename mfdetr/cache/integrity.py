@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 import zarr
 
-from mfdetr.cache.schema import ATTR_KEY, FEAT_GROUP, ArraySpec, array_specs, codecs_for, quiet_zarr
+from mfdetr.cache.schema import (
+    ATTR_KEY,
+    FEAT_GROUP,
+    ArraySpec,
+    array_specs,
+    create_spec_array,
+    quiet_zarr,
+)
 from mfdetr.errors import MfdetrError
 
 MANIFEST = "manifest"
@@ -95,20 +102,7 @@ def manifest_spec(meta: dict[str, Any]) -> ArraySpec:
 
 def create_manifest(group: zarr.Group, meta: dict[str, Any]) -> None:
     """Create the manifest array (race-safe: an existing one is kept)."""
-    spec = manifest_spec(meta)
-    try:
-        group.create_array(
-            spec.name,
-            shape=spec.shape,
-            dtype=spec.dtype,
-            chunks=spec.chunks,
-            fill_value=0,
-            attributes=dict(spec.attributes),
-            overwrite=False,
-            **codecs_for(spec, meta["options"]),
-        )
-    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError):
-        pass
+    create_spec_array(group, manifest_spec(meta), meta["options"])
 
 
 class Layout:

@@ -295,6 +295,28 @@ def array_specs(meta: dict[str, Any]) -> list[ArraySpec]:
     return specs
 
 
+def create_spec_array(group: Any, spec: ArraySpec, opts: dict[str, Any]) -> bool:
+    """Create ``spec``'s array in ``group`` with its codecs; False when it exists already (race-safe:
+    concurrent jobs may create the same store)."""
+    import zarr
+
+    try:
+        group.create_array(
+            spec.name,
+            shape=spec.shape,
+            dtype=spec.dtype,
+            chunks=spec.chunks,
+            shards=spec.shards,
+            fill_value=spec.fill_value,
+            attributes=dict(spec.attributes),
+            overwrite=False,
+            **codecs_for(spec, opts),
+        )
+    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError):
+        return False
+    return True
+
+
 # Blosc's automatic block at level 1 is small; 256 KiB blocks make zstd faster and as small or smaller
 BLOSC_ZSTD_BLOCK = 256 * 1024
 

@@ -28,7 +28,7 @@ from mfdetr.cache.schema import (
     ArraySpec,
     array_specs,
     check_meta,
-    codecs_for,
+    create_spec_array,
     quiet_zarr,
 )
 from mfdetr.errors import MfdetrError
@@ -98,26 +98,13 @@ def _open_group(path: str, mode: str, attributes: dict[str, Any] | None = None) 
 
 
 def _create_array(g: zarr.Group, spec: ArraySpec, opts: dict[str, Any]) -> None:
-    kw = codecs_for(spec, opts)
-    try:
-        g.create_array(
-            spec.name,
-            shape=spec.shape,
-            dtype=spec.dtype,
-            chunks=spec.chunks,
-            shards=spec.shards,
-            fill_value=spec.fill_value,
-            attributes=dict(spec.attributes),
-            overwrite=False,
-            **kw,
-        )
-    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError):
+    if not create_spec_array(g, spec, opts):
         a = g[spec.name]
         if tuple(a.shape) != spec.shape or np.dtype(a.dtype) != np.dtype(spec.dtype):
             raise MfdetrError(
                 f"array {spec.name} exists with shape {a.shape} {a.dtype}, expected {spec.shape} {spec.dtype}; "
                 "the store is from another extraction: delete it or choose another --out"
-            ) from None
+            )
 
 
 def _check_root(path: str, meta: dict[str, Any], repair: bool) -> None:
