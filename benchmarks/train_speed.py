@@ -41,6 +41,7 @@ import torch
 
 from mfdetr.cache.batch import collate_records, records_from_detections
 from mfdetr.cache.loader import make_loader
+from mfdetr.cache.storage import project_features
 from mfdetr.model import build_mask_net, count_parameters
 from mfdetr.train.config import TrainConfig
 from mfdetr.train.runtime import compute_threads
@@ -188,6 +189,8 @@ def _live_rows(
         td = time.perf_counter()
         outs = det.detect(ims)
         t_det.append(time.perf_counter() - td)
+        for o in outs:  # a projected cache: live maps in its bases, as predict does
+            o.features = project_features(o.features, (ds.attrs.get("storage") or {}).get("project"))
         live = collate_records(records_from_detections(outs, topk=topk), ds.levels)
         ref = batches[j]  # the targets (matching + crops) come from the cache: not timed, favouring live
         for key in ("match_ann_id", "match_iou", "mask_targets"):
@@ -197,19 +200,24 @@ def _live_rows(
     return t_live, t_det
 
 
+# --storage: the cache format the loader decodes (rec: the README's recommended COCO storage)
+STORAGE = {
+    "default": lambda levels: {},
+    "rec": lambda levels: dict(
+        dtype="bfloat16",
+        quant="int8",
+        quant_bits=6,
+        project={lv.name: 32 for lv in levels if lv.channels > 32},
+    ),
+}
+
+
 def run_setting(
-    name: str,
-    spec: str,
-    images: Path,
-    ann: Path,
-    n_images: int,
-    batch: int,
-    iters: int,
-    workers: int,
-    work: Path,
-    detector_topk: int,
-    sets: list[str] | None = None,
+    name: str, spec: str, batch: int, iters: int, detector_topk: int, sets: list[str], args: Any, work: Path
 ) -> dict[str, Any]:
+    """One setting's rows over the synth split ``work/name/train`` (``args``: workers, storage)."""
+    images, ann = work / name / "train" / "images", work / name / "train" / "annotations.json"
+    workers, storage = args.workers, args.storage
     import json
 
     from mfdetr.cache.reader import CacheDataset
@@ -224,7 +232,7 @@ def run_setting(
         images,
         ann,
         out=str(work / f"{name}.zarr"),
-        opts=ExtractOptions(topk=detector_topk, block=4),
+        opts=ExtractOptions(topk=detector_topk, block=4, **STORAGE[storage](det.levels)),
         batch_size=batch,
         workers=0,
         progress=False,
@@ -286,6 +294,9 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = what train-from-cache picks)")
     ap.add_argument("--skip-b", action="store_true", help="only the shapes setting")
     ap.add_argument(
+        "--storage", choices=sorted(STORAGE), default="default", help="cache format of the cache rows"
+    )
+    ap.add_argument(
         "--set",
         dest="sets",
         action="append",
@@ -319,41 +330,15 @@ def main() -> None:
         make_synth(work / "a", train=args.images_a, val=0, size=192, seed=123, workers=1)
         spec_a = "shapes" if shapes_available() else _hf_folder(_rtdetr_small, 192, work / "det_a")
         label_a = "shipped shapes" if spec_a == "shapes" else "shapes arch. (random weights)"
-        rows.append(
-            run_setting(
-                "a",
-                spec_a,
-                work / "a/train/images",
-                work / "a/train/annotations.json",
-                args.images_a,
-                8,
-                args.iters,
-                args.workers,
-                work,
-                50,
-                args.sets,
-            )
-            | {"label": label_a}
-        )
+        # (name, detector spec, batch, iters, detector top-k, TrainConfig overrides, label)
+        settings = [("a", spec_a, 8, args.iters, 50, args.sets, label_a)]
         if not args.skip_b:
             make_synth(work / "b", train=args.images_b, val=0, size=640, seed=123, workers=1)
             spec_b = _hf_folder(_rtdetr_r50, 640, work / "det_b")
-            rows.append(
-                run_setting(
-                    "b",
-                    spec_b,
-                    work / "b/train/images",
-                    work / "b/train/annotations.json",
-                    args.images_b,
-                    2,
-                    max(3, args.iters // 2),
-                    args.workers,
-                    work,
-                    100,
-                    args.sets + args.sets_b,
-                )
-                | {"label": "RT-DETR R50 (random weights)"}
-            )
+            iters_b, sets_b = max(3, args.iters // 2), args.sets + args.sets_b
+            settings.append(("b", spec_b, 2, iters_b, 100, sets_b, "RT-DETR R50 (random weights)"))
+        for *setting, label in settings:
+            rows.append(run_setting(*setting, args, work) | {"label": label})
 
     _print_table(rows, args)
 
@@ -361,7 +346,7 @@ def main() -> None:
 def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-        f"mask network {rows[0]['params'] / 1e6:.2f}M params, TrainConfig defaults"
+        f"mask network {rows[0]['params'] / 1e6:.2f}M params, cache storage {args.storage}, TrainConfig defaults"
         f"{' + ' + ' '.join(args.sets) if args.sets else ''}"
         f"{'; R50 also ' + ' '.join(args.sets_b) if args.sets_b else ''}\n"
     )

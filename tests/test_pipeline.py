@@ -147,3 +147,24 @@ val_annotations = "{train_ann}"
     p.write_text(p.read_text().replace(str(train_ann), str(tmp_path / "missing.json"), 1))
     with pytest.raises(MfdetrError, match="missing.json"):
         dry_run(load_pipeline(p))
+
+
+def test_run_refuses_a_cache_that_does_not_fit_unless_forced(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from mfdetr.cli import app
+
+    path = _write(tmp_path, "full")
+    real = shutil.disk_usage
+    tiny = type("U", (), {"free": 1000, "total": 10**9, "used": 0})()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: tiny if "cache" in str(p) else real(p))
+    out = CliRunner().invoke(app, ["run", str(path)])
+    assert isinstance(out.exception, MfdetrError) and "--force" in str(out.exception)
+    assert "GB free" in str(out.exception)
+    assert not list((tmp_path / "cache").glob("*/zarr.json"))  # refused before writing anything
+    out = CliRunner().invoke(app, ["run", str(path), "--force"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads((tmp_path / "runs" / "full" / "summary.json").read_text())
+    assert _ran(summary, "extract-train") and _ran(summary, "evaluate")

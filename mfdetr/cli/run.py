@@ -21,6 +21,9 @@ def run_cmd(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Check paths and print the estimated cache size; extract nothing."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Extract even when a cache's estimated size exceeds its disk's free space."
+    ),
 ) -> None:
     """Run a pipeline: make synthetic data if asked, extract train/val caches (re-used by
     fingerprint under cache_root), train the mask network from the cache, evaluate COCO mask and
@@ -35,4 +38,4 @@ def run_cmd(
 
         typer.echo(format_budget(do_dry_run(cfg)))
         return
-    run_pipeline(cfg)
+    run_pipeline(cfg, force=force)

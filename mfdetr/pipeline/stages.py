@@ -93,9 +93,12 @@ def stage_data(cfg: PipelineConfig) -> StageRecord:
     return StageRecord("data", time.perf_counter() - t0, True, info)
 
 
-def stage_extract(cfg: PipelineConfig, split: str, calib_from: str | None = None) -> tuple[StageRecord, Any]:
+def stage_extract(
+    cfg: PipelineConfig, split: str, calib_from: str | None = None, force: bool = False
+) -> tuple[StageRecord, Any]:
     """Extract (or find by fingerprint) the cache of one split under ``cache_root``; ``calib_from``: the
-    cache whose storage calibration it adopts (the val split reads in the train split's PCA bases)."""
+    cache whose storage calibration it adopts (the val split reads in the train split's PCA bases);
+    ``force``: extract even when the estimated size exceeds the disk's free space."""
     from mfdetr.extract.loop import extract
 
     images, ann = cfg.data.splits()[split]
@@ -123,6 +126,7 @@ def stage_extract(cfg: PipelineConfig, split: str, calib_from: str | None = None
         batch_size=cfg.detector.batch_size,
         workers=cfg.detector.workers,
         calib_from=calib_from,
+        force=force,
     )
     detail = {"path": str(res.path), "fingerprint": res.fingerprint, "reused": bool(res.reused)}
     return StageRecord(f"extract-{split}", time.perf_counter() - t0, not res.reused, detail), res
@@ -176,16 +180,17 @@ def stage_evaluate(cfg: PipelineConfig, state: _State, val_cache: str, ann: Path
     return StageRecord("evaluate", secs, True), result.summary()
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every stage of ``cfg``; returns the summary written to ``OUT/summary.json``."""
+def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    """Run every stage of ``cfg``; returns the summary written to ``OUT/summary.json``. ``force``: extract
+    even when a cache's estimated size exceeds its disk's free space."""
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / "state.json")
     (out / "pipeline.json").write_text(json.dumps(to_dict(cfg), indent=2))
     t_all = time.perf_counter()
     records = [stage_data(cfg)]
-    r_train, train_res = stage_extract(cfg, "train")
-    r_val, val_res = stage_extract(cfg, "val", calib_from=str(train_res.path))
+    r_train, train_res = stage_extract(cfg, "train", force=force)
+    r_val, val_res = stage_extract(cfg, "val", calib_from=str(train_res.path), force=force)
     records += [r_train, r_val]
     fps = {"train": train_res.fingerprint, "val": val_res.fingerprint}
     records.append(stage_train(cfg, state, str(train_res.path), str(val_res.path), fps))
