@@ -66,6 +66,7 @@ OPTIONS = [
     ("float16 blosc-zstd", _plain("float16", "blosc-zstd")),
     ("bfloat16 zstd", _plain("bfloat16", "zstd")),
     ("bfloat16 lz4", _plain("bfloat16", "lz4")),
+    ("bfloat16 blosc-zstd (default codec)", _plain("bfloat16", "blosc-zstd")),
     ("float32 BitRound10 zstd", _plain("float32", "zstd", 10)),
     ("float32 BitRound7 zstd", _plain("float32", "zstd", 7)),
     ("float32 BitRound5 zstd", _plain("float32", "zstd", 5)),
@@ -85,9 +86,13 @@ OPTIONS = [
     ("finest box-masked f16 zstd", lambda lv: dict(box_mask=_fine(lv))),
     ("PCA 32 f16 BitRound5 zstd", lambda lv: dict(project=_pca(lv, 32), keepbits=5)),
     ("int8 + PCA 64 zstd", lambda lv: dict(quant="int8", project=_pca(lv, 64))),
-    ("int8 + PCA 32 zstd (recommended)", lambda lv: dict(quant="int8", project=_pca(lv, 32))),
+    ("int8 + PCA 32 zstd", lambda lv: dict(quant="int8", project=_pca(lv, 32))),
     ("int8-calib + PCA 32 zstd", lambda lv: dict(quant="int8-calib", project=_pca(lv, 32))),
     ("int8 6-bit + PCA 32 zstd", lambda lv: dict(quant="int8", quant_bits=6, project=_pca(lv, 32))),
+    (
+        "int8 6-bit + PCA 32 blosc-zstd",
+        lambda lv: dict(quant="int8", quant_bits=6, project=_pca(lv, 32), codec="blosc-zstd"),
+    ),
     (
         "int8 + PCA 32 + finest box-masked",
         lambda lv: dict(quant="int8", project=_pca(lv, 32), box_mask=_fine(lv)),
@@ -101,11 +106,13 @@ QUICK = {
     "int8-calib zstd",
     "PCA 1/4 (>=64 ch) f16 zstd",
     "finest box-masked f16 zstd",
-    "int8 + PCA 32 zstd (recommended)",
+    "int8 + PCA 32 zstd",
 }
-LEVERS = {name for name, _ in OPTIONS[16:]} | {
+FIRST_LEVER = [name for name, _ in OPTIONS].index("int8 zstd")
+LEVERS = {name for name, _ in OPTIONS[FIRST_LEVER:]} | {
     "float16 zstd",
     "bfloat16 zstd",
+    "bfloat16 blosc-zstd (default codec)",
     "float16 BitRound5 zstd",
     "bfloat16 BitRound5 zstd",
 }
@@ -321,7 +328,7 @@ def main() -> None:
         o for o in OPTIONS if (not args.quick or o[0] in QUICK) and (not args.levers or o[0] in LEVERS)
     ]
     if args.no_refs:
-        options = [o for o in options if o in OPTIONS[16:]]
+        options = [o for o in options if o in OPTIONS[FIRST_LEVER:]]
     cats = [{"id": i + 1, "name": nm} for i, nm in enumerate(CATEGORY_NAMES)]
     print(HEADER)
     n = 6 if args.quick else args.images

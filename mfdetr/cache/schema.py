@@ -300,13 +300,11 @@ def create_spec_array(group: Any, spec: ArraySpec, opts: dict[str, Any]) -> bool
     concurrent jobs may create the same store)."""
     import zarr
 
+    layout = {"shape": spec.shape, "dtype": spec.dtype, "chunks": spec.chunks, "shards": spec.shards}
     try:
         group.create_array(
             spec.name,
-            shape=spec.shape,
-            dtype=spec.dtype,
-            chunks=spec.chunks,
-            shards=spec.shards,
+            **layout,
             fill_value=spec.fill_value,
             attributes=dict(spec.attributes),
             overwrite=False,
