@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import zarr
 
+from mfdetr.cache.codecs import create_spec_array
 from mfdetr.cache.schema import (
     ATTR_KEY,
     FEAT_GROUP,
     ArraySpec,
     array_specs,
-    create_spec_array,
     quiet_zarr,
 )
 from mfdetr.errors import MfdetrError

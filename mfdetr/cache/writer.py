@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from mfdetr.cache.codecs import create_spec_array
 from mfdetr.cache.integrity import MANIFEST, Layout, create_manifest, record_block, rewrite_root
 from mfdetr.cache.schema import (
     ATTR_KEY,
@@ -28,7 +29,6 @@ from mfdetr.cache.schema import (
     ArraySpec,
     array_specs,
     check_meta,
-    create_spec_array,
     quiet_zarr,
 )
 from mfdetr.errors import MfdetrError
