@@ -41,7 +41,7 @@ import torch
 
 from mfdetr.cache.batch import collate_records, records_from_detections
 from mfdetr.cache.loader import make_loader
-from mfdetr.cache.storage import project_features
+from mfdetr.cache.storage import project_features, unpack_projection
 from mfdetr.model import build_mask_net, count_parameters
 from mfdetr.train.config import TrainConfig
 from mfdetr.train.runtime import compute_threads
@@ -181,6 +181,7 @@ def _live_rows(
 
     with open(ann) as f:
         names = [im["file_name"] for im in sorted(json.load(f)["images"], key=lambda x: x["id"])]
+    bases = unpack_projection((ds.attrs.get("storage") or {}).get("project"))
     t_live, t_det = [], []
     for i in range(max(2, min(iters, 3))):
         j = i % len(batches)
@@ -190,7 +191,7 @@ def _live_rows(
         outs = det.detect(ims)
         t_det.append(time.perf_counter() - td)
         for o in outs:  # a projected cache: live maps in its bases, as predict does
-            o.features = project_features(o.features, (ds.attrs.get("storage") or {}).get("project"))
+            o.features = project_features(o.features, bases)
         live = collate_records(records_from_detections(outs, topk=topk), ds.levels)
         ref = batches[j]  # the targets (matching + crops) come from the cache: not timed, favouring live
         for key in ("match_ann_id", "match_iou", "mask_targets"):

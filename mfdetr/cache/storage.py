@@ -161,13 +161,12 @@ class StorageCodec:
         self.dtype = opts["dtype"]
         st = meta.get("storage") or {}
         masked = set(opts.get("box_mask") or [])
+        bases = unpack_projection(st.get("project"))
         self.levels: dict[str, LevelCodec] = {}
         for lv in meta["detector"]["levels"]:
             name = lv["name"]
             lc = LevelCodec(name, int(lv["stride"]), box_mask=name in masked)
-            proj = st.get("project", {}).get(name)
-            if proj is not None:
-                lc.mean, lc.basis = unpack(proj["mean"]), unpack(proj["basis"])
+            lc.mean, lc.basis = bases.get(name, (None, None))
             cal = st.get("quant", {}).get(name)
             if cal is not None:
                 lc.calib = unpack(cal)
@@ -305,14 +304,21 @@ def projection_id(storage: dict[str, Any] | None) -> str | None:
     return sha256_json(proj)[:16]
 
 
-def project_features(features: dict[str, Tensor], projection: dict[str, Any] | None) -> dict[str, Tensor]:
-    """Live detector maps in a cache's projected bases (``projection``: a storage entry's ``project``,
-    as a checkpoint records it): what the reader returns for a projected cache, before quantization."""
-    if not projection:
+def unpack_projection(projection: dict[str, Any] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{level: (mean, basis)}`` of a storage entry's ``project`` (as a checkpoint records it)."""
+    return {name: (unpack(e["mean"]), unpack(e["basis"])) for name, e in (projection or {}).items()}
+
+
+def project_features(
+    features: dict[str, Tensor], bases: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, Tensor]:
+    """Live detector maps in a cache's projected bases (``bases``: ``unpack_projection``'s result): what
+    the reader returns for a projected cache, before quantization."""
+    if not bases:
         return features
     out = dict(features)
-    for name, entry in projection.items():
-        out[name] = project(features[name].float().cpu(), unpack(entry["mean"]), unpack(entry["basis"]))
+    for name, (mean, basis) in bases.items():
+        out[name] = project(features[name].float().cpu(), mean, basis)
     return out
 
 

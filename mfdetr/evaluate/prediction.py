@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mfdetr.cache.storage import project_features, unpack
+from mfdetr.cache.storage import project_features, unpack_projection
 from mfdetr.data.image_io import load_image
 from mfdetr.detectors.base import LevelSpec
 from mfdetr.errors import MfdetrError
@@ -110,11 +110,10 @@ def _build(checkpoint: Path, detector_spec: str | None, categories, cfg: Predict
     return model, detector, det_topk, cat_names, meta.get("projection")
 
 
-def _levels(levels: Sequence[LevelSpec], projection: dict[str, Any] | None) -> list[LevelSpec]:
+def _levels(levels: Sequence[LevelSpec], bases: dict[str, tuple[Any, Any]]) -> list[LevelSpec]:
     """The detector's levels as the network reads them: projected ones at their projected width."""
-    proj = projection or {}
     return [
-        LevelSpec(lv.name, lv.stride, int(unpack(proj[lv.name]["basis"]).shape[1])) if lv.name in proj else lv
+        LevelSpec(lv.name, lv.stride, int(bases[lv.name][1].shape[1])) if lv.name in bases else lv
         for lv in levels
     ]
 
@@ -161,7 +160,8 @@ def predict(
     out = Path(out)
     ensure_writable_dir(out, "--out")
     model, det, det_topk, cat_names, projection = _build(checkpoint, detector, categories, cfg)
-    levels = _levels(det.levels, projection)
+    bases = unpack_projection(projection)  # decoded once, applied to every image
+    levels = _levels(det.levels, bases)
     dev = torch.device(cfg.device)
     results: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
@@ -177,7 +177,7 @@ def predict(
         outputs = det.detect([im.to(dev) for _, _, im in chunk])
         outputs = [o.to("cpu") for o in outputs]
         for o in outputs:  # a projected train cache: the network reads the maps in its PCA bases
-            o.features = project_features(o.features, projection)
+            o.features = project_features(o.features, bases)
         records = records_from_detections(outputs, topk=det_topk)
         for (pos, _, _), r in zip(chunk, records):
             r["index"] = r["image_id"] = pos
