@@ -149,12 +149,23 @@ async def _object_row(store: Any, key: str) -> tuple[int, int]:
     return len(data), _crc(data)
 
 
-def record_block(store: Any, layout: Layout, b: int) -> np.ndarray:
-    """[A, 2] (size, crc32c) of block ``b``'s stored objects, read back from the store."""
+def record_block(
+    store: Any, layout: Layout, b: int, known: dict[str, bytes | None] | None = None
+) -> np.ndarray:
+    """[A, 2] (size, crc32c) of block ``b``'s stored objects, read back from the store; ``known``: the
+    bytes the caller has just stored for some arrays (None: no object), summed without a read-back."""
     from zarr.core.sync import sync
 
+    known = known or {}
+
+    async def _row(name: str) -> tuple[int, int]:
+        if name not in known:
+            return await _object_row(store, layout.key(name, b))
+        data = known[name]
+        return (ABSENT, 0) if data is None else (len(data), _crc(data))
+
     async def _all() -> list[tuple[int, int]]:
-        return await asyncio.gather(*(_object_row(store, layout.key(n, b)) for n in layout.names))
+        return await asyncio.gather(*(_row(n) for n in layout.names))
 
     return np.asarray(sync(_all()), dtype=np.int64)
 

@@ -31,6 +31,7 @@ from mfdetr.cache.schema import (
     check_meta,
     quiet_zarr,
 )
+from mfdetr.cache.shards import ShardEncoder, encode_image
 from mfdetr.errors import MfdetrError
 
 
@@ -210,31 +211,77 @@ def _filled(shape: tuple[int, ...], fill: Any, dtype: str) -> np.ndarray:
     return np.full(shape, fill, dtype=dtype)
 
 
-class BlockBuffer:
-    """In-memory arrays of one block (positions ``start..stop``), filled image by image."""
+async def _drain() -> None:
+    """Wait for Zarr's other tasks (errors dropped: one is being raised): none pending at exit."""
+    me = asyncio.current_task()
+    await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not me), return_exceptions=True)
 
-    def __init__(self, block: int, start: int, stop: int, specs: list[ArraySpec]) -> None:
+
+class BlockBuffer:
+    """One block (positions ``start..stop``), filled image by image: the small arrays in memory, the
+    sharded ones (``encoders``) as each image's encoded inner chunks (compressed as the image arrives)."""
+
+    def __init__(
+        self,
+        block: int,
+        start: int,
+        stop: int,
+        specs: list[ArraySpec],
+        encoders: dict[str, ShardEncoder] | None = None,
+    ) -> None:
         self.block, self.start, self.stop = block, start, stop
-        self.arrays = {s.name: _filled((stop - start, *s.shape[1:]), s.fill_value, s.dtype) for s in specs}
+        self.encoders = encoders or {}
+        self.arrays = {
+            s.name: _filled((stop - start, *s.shape[1:]), s.fill_value, s.dtype)
+            for s in specs
+            if s.name not in self.encoders
+        }
+        self.chunks: dict[str, list[memoryview | None]] = {n: [None] * (stop - start) for n in self.encoders}
+        self.specs = {s.name: s for s in specs}
         self.filled = np.zeros(stop - start, dtype=bool)
+
+    def _feature(self, position: int, name: str, v: np.ndarray) -> np.ndarray:
+        """A level map zero padded bottom/right to the cache's padded shape."""
+        spec = self.specs[name]
+        c, h, w = v.shape
+        tail = spec.shape[1:]
+        if c != tail[0] or h > tail[1] or w > tail[2]:
+            raise MfdetrError(
+                f"image position {position}: level {name[len(FEAT_GROUP) + 1 :]} map is {tuple(v.shape)}, "
+                f"larger than the cache's padded {tuple(tail)}: the detector's input_size() "
+                "disagrees with what detect() returned"
+            )
+        if (h, w) == tuple(tail[1:]):
+            return v
+        out = _filled(tail, spec.fill_value, spec.dtype)
+        out[:, :h, :w] = v
+        return out
+
+    def _encode(self, j: int, chunks: dict[str, np.ndarray]) -> None:
+        from zarr.core.sync import sync
+
+        async def _all() -> dict[str, Any]:
+            missing = [n for n in self.encoders if n not in chunks]  # no value: the fill (as Zarr's buffer)
+            fills = await asyncio.gather(*(self.encoders[n].encode_fill() for n in missing))
+            return {**dict(zip(missing, fills, strict=True)), **await encode_image(self.encoders, chunks)}
+
+        for name, data in sync(_all()).items():
+            self.chunks[name][j] = data
 
     def put(self, position: int, values: dict[str, np.ndarray]) -> None:
         """Store one image's arrays (feature maps may be smaller than the padded shape)."""
         j = position - self.start
+        chunks: dict[str, np.ndarray] = {}
         for name, v in values.items():
-            dst = self.arrays[name]
             v = np.asarray(v)
             if name.startswith(FEAT_GROUP + "/"):
-                c, h, w = v.shape
-                if c != dst.shape[1] or h > dst.shape[2] or w > dst.shape[3]:
-                    raise MfdetrError(
-                        f"image position {position}: level {name[len(FEAT_GROUP) + 1 :]} map is {tuple(v.shape)}, "
-                        f"larger than the cache's padded {tuple(dst.shape[1:])}: the detector's input_size() "
-                        "disagrees with what detect() returned"
-                    )
-                dst[j, :, :h, :w] = v
+                v = self._feature(position, name, v)
+            if name in self.encoders:
+                chunks[name] = self.encoders[name].chunk(v)
             else:
-                dst[j] = v
+                self.arrays[name][j] = v
+        if self.encoders:
+            self._encode(j, chunks)
         self.filled[j] = True
 
     def put_bad(self, position: int, image_id: int) -> None:
@@ -242,6 +289,8 @@ class BlockBuffer:
         j = position - self.start
         self.arrays["image_id"][j] = image_id
         self.arrays["bad"][j] = True
+        if self.encoders:
+            self._encode(j, {})
         self.filled[j] = True
 
     @property
@@ -259,8 +308,6 @@ class BlockWriter:
         self.specs = array_specs(meta)
         self.n = int(meta["dataset"]["num_images"])
         self.block = int(meta["options"]["block"])
-        # write_empty_chunks: Zarr would otherwise compare every chunk with the fill value before
-        # writing it (a full pass over each feature map, as costly as compressing it)
         self._arrays = {s.name: group[s.name] for s in self.specs}
         # the feature maps skip Zarr's empty-chunk test (a full pass over each map comparing it with the
         # fill value, as costly as compressing it); the small arrays keep it: integrity reads a present
@@ -268,6 +315,13 @@ class BlockWriter:
         for name in self._arrays:
             if name.startswith(FEAT_GROUP + "/"):
                 self._arrays[name] = self._arrays[name].with_config({"write_empty_chunks": True})
+        # the sharded arrays: encoded image by image and stored as whole shards (mfdetr/cache/shards.py)
+        self.encoders: dict[str, ShardEncoder] = {}
+        for spec in self.specs:
+            if spec.shards is not None:
+                enc = ShardEncoder.for_array(group[spec.name], spec.name.startswith(FEAT_GROUP + "/"))
+                if enc is not None:
+                    self.encoders[spec.name] = enc
         self.layout = Layout(group, meta)
 
     @property
@@ -292,7 +346,7 @@ class BlockWriter:
 
     def new_buffer(self, b: int) -> BlockBuffer:
         s, e = self.block_range(b)
-        return BlockBuffer(b, s, e, self.specs)
+        return BlockBuffer(b, s, e, self.specs, self.encoders)
 
     def write(self, buf: BlockBuffer) -> None:
         """Write every array of a complete block, then its ``done`` flags."""
@@ -300,21 +354,31 @@ class BlockWriter:
             raise RuntimeError(f"block {buf.block} written before all its images arrived")
         from zarr.core.sync import sync
 
-        s, e = buf.start, buf.stop
-        sel = slice(s, e)
+        sel = slice(buf.start, buf.stop)
+        store = self.group.store
 
-        async def _all() -> None:
-            await asyncio.gather(
-                *(
-                    self._arrays[spec.name]._async_array.setitem(sel, buf.arrays[spec.name])
-                    for spec in self.specs
-                    if spec.name != "done"
-                )
-            )
+        async def _all() -> dict[str, bytes | None]:
+            names = list(self.encoders)
+            ours = [
+                self.encoders[n].write(store, self.layout.key(n, buf.block), buf.chunks[n]) for n in names
+            ]
+            zarr_writes = [
+                self._arrays[spec.name]._async_array.setitem(sel, buf.arrays[spec.name])
+                for spec in self.specs
+                if spec.name != "done" and spec.name not in self.encoders
+            ]
+            stored = await asyncio.gather(*ours, *zarr_writes)
+            return dict(zip(names, stored[: len(names)], strict=True))
 
-        sync(_all())  # every data array of the block (concurrently), then what they stored, then:
-        self.group[MANIFEST][buf.block] = record_block(self.group.store, self.layout, buf.block)
-        self._arrays["done"][s:e] = np.ones(e - s, dtype=bool)
+        try:
+            shards = sync(
+                _all()
+            )  # every data array of the block (concurrently), then what they stored, then:
+        except BaseException:
+            sync(_drain())  # a failed write (disk full) leaves its sibling writes running: let them end
+            raise
+        self.group[MANIFEST][buf.block] = record_block(store, self.layout, buf.block, known=shards)
+        self._arrays["done"][sel] = np.ones(buf.stop - buf.start, dtype=bool)
 
     def clear_blocks(self, blocks: list[int]) -> None:
         """Mark blocks not done (then drop their manifests), so that the run rewrites them whole."""
