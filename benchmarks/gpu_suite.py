@@ -5,9 +5,10 @@
 Sections (each guarded: a failure prints its error in its row and the suite goes on):
 
 - ``roi_align`` (a): the fused RoIAlign vs torchvision's per-level sum (``backend="fused"`` vs
-  ``"torchvision"`` of ``multilevel_roi_align``): equality with ``multilevel_roi_align_reference``
-  (fp32 and bf16 inputs, values and feature gradients), fwd / fwd+bwd times (CUDA events, warm-up,
-  min / median of several runs) at the sizes of ``benchmarks/roi_align.py`` plus 8 x 100 boxes at
+  ``"torchvision"`` of ``multilevel_roi_align``): equality with the definition in float64 (the
+  ``torchvision`` backend on float64 copies) (fp32 and bf16 inputs, values and feature gradients),
+  fwd / fwd+bwd times (CUDA events, warm-up, min / median of several runs) at the sizes of
+  ``benchmarks/roi_align.py`` plus 8 x 100 boxes at
   800x1333, S=32; the last row says which backend ``auto`` should run on this device;
 - ``extract`` (b): the detector forward alone vs the whole ``extract`` (writers included), images/s, for
   the shipped ``shapes`` detector and a random-weight RT-DETR R50 at 640;

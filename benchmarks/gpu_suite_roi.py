@@ -2,7 +2,7 @@
 
 Inputs as ``benchmarks/roi_align.py``: 4 levels at strides 8/16/32/64, boxes with log-uniform sides in
 16..600 px (scaled with the image in ``--quick``), ``aligned=True``, adaptive sampling. Equality: both
-backends vs ``multilevel_roi_align_reference`` (torchvision per level, float32 accumulation), values and
+backends vs the definition in float64 (torchvision per level on float64 copies, summed), values and
 the features' gradients for one fixed upstream gradient, max error relative to the reference's max.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from gpu_suite import Context, finite, time_runs
 
-from mfdetr.ops import multilevel_roi_align, multilevel_roi_align_reference
+from mfdetr.ops import multilevel_roi_align
 
 STRIDES = (8, 16, 32, 64)
 BACKENDS = ("fused", "torchvision")
@@ -66,7 +66,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def equality_rows(name: str, feats, rois, size: int) -> list[dict[str, Any]]:
     scales = [1.0 / s for s in STRIDES]
     ref_out, ref_grads, g = _fwd_bwd(
-        lambda fs: multilevel_roi_align_reference(fs, rois, scales, size), feats, None
+        lambda fs: multilevel_roi_align(
+            [f.double() for f in fs], rois.double(), scales, size, backend="torchvision"
+        ),
+        feats,
+        None,
     )
     rows = []
     for backend in BACKENDS:

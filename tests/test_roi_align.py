@@ -7,7 +7,6 @@ import torch
 from torchvision.ops import roi_align as tv_roi_align
 
 from mfdetr.ops import multilevel_roi_align
-from mfdetr.ops.roi_align import flatten_levels, multilevel_roi_align_flat
 
 IMG_H, IMG_W = 60, 76  # network-input frame
 STRIDES = (4, 8, 16)
@@ -114,16 +113,12 @@ def test_empty_rois(per_level):
         assert all(float(f.grad.abs().max()) == 0.0 for f in feats)
 
 
-def test_float64_and_flat_api():
+def test_float64():
     feats = _features(dtype=torch.float64)
     rois = _rois([_random_boxes(5, 5), _edge_boxes(), _random_boxes(2, 6)]).double()
     ours = multilevel_roi_align(feats, rois, SCALES, 7, -1, True)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, _tv_sum(feats, rois, 7, -1, True), atol=1e-12, rtol=0)
-    buf, shapes = flatten_levels(feats)
-    assert buf.shape == (sum(b * h * w for b, h, w in shapes), feats[0].shape[1])
-    flat = multilevel_roi_align_flat(buf, shapes, rois, SCALES, 7, -1, True)
-    assert torch.equal(flat, ours)
 
 
 def test_gradcheck_float64():
@@ -232,9 +227,6 @@ def test_thread_pool_path(monkeypatch, per_level):
         (ref * gout).sum().backward()
         for a, b in zip(feats, ref_feats):
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5 * float(gout.abs().max()), rtol=0)
-        buf, shapes = flatten_levels(feats)
-        flat = multilevel_roi_align_flat(buf, shapes, rois, SCALES, 14, -1, True, per_level)
-        torch.testing.assert_close(flat, out, atol=1e-6, rtol=0)
     finally:
         torch.set_num_threads(n)
 

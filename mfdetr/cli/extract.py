@@ -3,149 +3,154 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from mfdetr.cli.app import app
-from mfdetr.cli.options import comma_list, echo_warnings
+from mfdetr.cli.options import FORCE, Opt, comma_list, echo_warnings, pick, with_options
+
+# what to read and where the cache goes
+INPUTS = (
+    Opt(
+        "detector",
+        str,
+        ...,
+        "Detector spec: 'shapes' (shipped), 'hf:PATH' (a Hugging Face checkpoint folder) or "
+        "'py:module:function' (a factory returning a FrozenDetector).",
+    ),
+    Opt("images", Path, ..., "Image root; the JSON's file_name values are relative to it."),
+    Opt("annotations", Path, ..., "COCO instances JSON (needed for the mask targets)."),
+    Opt(
+        "out",
+        str | None,
+        None,
+        "Store path or fsspec URL to write. Default: a store named by its fingerprint under --cache-root.",
+    ),
+    Opt(
+        "cache_root",
+        str | None,
+        None,
+        "Directory (or URL) holding stores named <detector>-<dataset>-<fingerprint>.zarr; an identical "
+        "earlier extraction is found and reused. Default: ./cache.",
+    ),
+)
+# what the cache stores: the fields of ExtractOptions (match + iou_threshold make its MatchOptions)
+STORAGE = (
+    Opt("topk", int, 100, "Boxes kept per image (top-k by score)."),
+    Opt(
+        "levels",
+        str | None,
+        None,
+        "Comma-separated feature level names to store (default: the detector's default levels). A name "
+        "pxN adds the network-input RGB at stride N, for the mask network's pixel refinement "
+        "(e.g. b4,e8,e16,e32,px1; at COCO resolution px2 or px4 keep it small).",
+    ),
+    Opt("dtype", str, "float16", "Storage dtype of features and queries: float16, bfloat16 or float32."),
+    Opt(
+        "codec",
+        str,
+        "blosc-zstd",
+        "Compressor: blosc-zstd (Blosc zstd, byte shuffle; as small as zstd 3 at half its CPU), "
+        "zstd, lz4 (Blosc, byte shuffle) or none.",
+    ),
+    Opt("codec_level", int | None, None, "Compression level (default: blosc-zstd 1, zstd 3, lz4 5)."),
+    Opt(
+        "keepbits",
+        int | None,
+        None,
+        "Lossy: BitRound mantissa bits kept in features and queries (<= 10 float16, <= 7 bfloat16). "
+        "Default: lossless.",
+    ),
+    Opt("mask_size", int, 64, "Side of the stored mask targets (multiple of 8)."),
+    Opt(
+        "match",
+        str,
+        "iou",
+        "Matching rule: 'iou' (each box -> the best non-crowd GT with IoU >= threshold; one-to-many, "
+        "default) or 'hungarian' (DETR one-to-one).",
+    ),
+    Opt("iou_threshold", float, 0.5, "Minimum box IoU of a match."),
+    Opt(
+        "block",
+        int | None,
+        None,
+        "Images per Zarr shard; the unit of work, resume and ownership. Default: auto, ~32 MB of "
+        "features per shard, 8 to 64 images.",
+    ),
+    Opt(
+        "quant",
+        str | None,
+        None,
+        "Lossy: affine quantization of the feature maps to uint8: 'int8' (scale + offset per image and "
+        "channel) or 'int8-calib' (per channel, calibrated once on --calib-images images).",
+    ),
+    Opt("quant_bits", int, 8, "Bits of --quant codes (2..8; fewer compress smaller)."),
+    Opt(
+        "project",
+        str | None,
+        None,
+        "Lossy: PCA-project levels to fewer channels, e.g. 'b4=32,e8=64' (fitted on --calib-images "
+        "images; the mask network takes the projected width).",
+    ),
+    Opt(
+        "box_mask",
+        str | None,
+        None,
+        "Comma-separated levels kept only inside the union of the kept boxes (+ --box-margin cells); "
+        "zeros elsewhere.",
+    ),
+    Opt("box_margin", int, 2, "Cells added around each box for --box-mask."),
+    Opt("calib_images", int, 16, "Images fitting --project / int8-calib."),
+)
+# how this run goes: the keyword arguments of mfdetr.extract.loop.extract (shard and progress parsed)
+RUN = (
+    Opt(
+        "calib_from",
+        str | None,
+        None,
+        "A cache of the same detector and storage options whose --project bases and int8-calib ranges "
+        "to adopt instead of fitting new ones: extract a val or test split with its train cache here, "
+        "so that one mask network reads both.",
+    ),
+    FORCE,
+    Opt("batch_size", int, 4, "Images per detector forward."),
+    Opt("device", str, "cpu", "Torch device for the detector (cpu, cuda, cuda:1, ...)."),
+    Opt("workers", int, 2, "DataLoader worker processes decoding images (0 = in process)."),
+    Opt(
+        "writers",
+        int | None,
+        None,
+        "Writer processes doing matching, conversion, compression and writes (0 = a thread of this "
+        "process; default: half the cores the --workers leave, 1 to 8).",
+    ),
+    Opt(
+        "shard",
+        str | None,
+        None,
+        "i/n: this job writes only blocks b with b % n == i (independent batch jobs filling one cache).",
+    ),
+    Opt(
+        "skip_bad",
+        bool,
+        False,
+        "Skip unreadable or inconsistent images (listed at the end) instead of stopping at the first one.",
+    ),
+    Opt("no_progress", bool, False, "No progress bar."),
+    Opt(
+        "repair",
+        bool,
+        False,
+        "Check every done block against its integrity manifest (reads the whole cache: crc32c of every "
+        "object), rewrite damaged metadata, and re-extract the damaged or missing blocks. A plain rerun "
+        "checks presence and sizes only.",
+    ),
+)
 
 
 @app.command("extract")
-def extract_cmd(
-    detector: str = typer.Option(
-        ...,
-        "--detector",
-        help="Detector spec: 'shapes' (shipped), 'hf:PATH' (a Hugging Face "
-        "checkpoint folder) or 'py:module:function' (a factory returning a FrozenDetector).",
-    ),
-    images: Path = typer.Option(
-        ..., "--images", help="Image root; the JSON's file_name values are relative to it."
-    ),
-    annotations: Path = typer.Option(
-        ..., "--annotations", help="COCO instances JSON (needed for the mask targets)."
-    ),
-    out: str | None = typer.Option(
-        None,
-        "--out",
-        help="Store path or fsspec URL to write. Default: a store named "
-        "by its fingerprint under --cache-root.",
-    ),
-    cache_root: str | None = typer.Option(
-        None,
-        "--cache-root",
-        help="Directory (or URL) holding stores named "
-        "<detector>-<dataset>-<fingerprint>.zarr; an identical earlier "
-        "extraction is found and reused. Default: ./cache.",
-    ),
-    topk: int = typer.Option(100, "--topk", help="Boxes kept per image (top-k by score)."),
-    levels: str | None = typer.Option(
-        None,
-        "--levels",
-        help="Comma-separated feature level names to store (default: the detector's default levels).",
-    ),
-    dtype: str = typer.Option(
-        "float16", "--dtype", help="Storage dtype of features and queries: float16, bfloat16 or float32."
-    ),
-    codec: str = typer.Option(
-        "blosc-zstd",
-        "--codec",
-        help="Compressor: blosc-zstd (Blosc zstd, byte shuffle; as small as zstd 3 at half its CPU), "
-        "zstd, lz4 (Blosc, byte shuffle) or none.",
-    ),
-    codec_level: int | None = typer.Option(
-        None, "--codec-level", help="Compression level (default: blosc-zstd 1, zstd 3, lz4 5)."
-    ),
-    keepbits: int | None = typer.Option(
-        None,
-        "--keepbits",
-        help="Lossy: BitRound mantissa bits kept in features "
-        "and queries (<= 10 float16, <= 7 bfloat16). Default: lossless.",
-    ),
-    mask_size: int = typer.Option(64, "--mask-size", help="Side of the stored mask targets (multiple of 8)."),
-    match: str = typer.Option(
-        "iou",
-        "--match",
-        help="Matching rule: 'iou' (each box -> the best non-crowd GT with "
-        "IoU >= threshold; one-to-many, default) or 'hungarian' (DETR one-to-one).",
-    ),
-    iou_threshold: float = typer.Option(0.5, "--iou-threshold", help="Minimum box IoU of a match."),
-    block: int | None = typer.Option(
-        None,
-        "--block",
-        help="Images per Zarr shard; the unit of work, resume and "
-        "ownership. Default: auto, ~32 MB of features per shard, 8 to 64 images.",
-    ),
-    quant: str | None = typer.Option(
-        None,
-        "--quant",
-        help="Lossy: affine quantization of the feature maps to "
-        "uint8: 'int8' (scale + offset per image and channel) or 'int8-calib' "
-        "(per channel, calibrated once on --calib-images images).",
-    ),
-    quant_bits: int = typer.Option(
-        8, "--quant-bits", help="Bits of --quant codes (2..8; fewer compress smaller)."
-    ),
-    project: str | None = typer.Option(
-        None,
-        "--project",
-        help="Lossy: PCA-project levels to fewer channels, "
-        "e.g. 'b4=32,e8=64' (fitted on --calib-images images; the mask network "
-        "takes the projected width).",
-    ),
-    box_mask: str | None = typer.Option(
-        None,
-        "--box-mask",
-        help="Comma-separated levels kept only inside the "
-        "union of the kept boxes (+ --box-margin cells); zeros elsewhere.",
-    ),
-    box_margin: int = typer.Option(2, "--box-margin", help="Cells added around each box for --box-mask."),
-    calib_images: int = typer.Option(16, "--calib-images", help="Images fitting --project / int8-calib."),
-    calib_from: str | None = typer.Option(
-        None,
-        "--calib-from",
-        help="A cache of the same detector and storage options whose --project bases and int8-calib "
-        "ranges to adopt instead of fitting new ones: extract a val or test split with its train cache "
-        "here, so that one mask network reads both.",
-    ),
-    force: bool = typer.Option(
-        False,
-        "--force",
-        help="Extract even when the estimated cache size exceeds the target disk's free space.",
-    ),
-    batch_size: int = typer.Option(4, "--batch-size", help="Images per detector forward."),
-    device: str = typer.Option(
-        "cpu", "--device", help="Torch device for the detector (cpu, cuda, cuda:1, ...)."
-    ),
-    workers: int = typer.Option(
-        2, "--workers", help="DataLoader worker processes decoding images (0 = in process)."
-    ),
-    writers: int | None = typer.Option(
-        None,
-        "--writers",
-        help="Writer processes doing matching, conversion, compression and writes (0 = a thread of this "
-        "process; default: half the cores the --workers leave, 1 to 8).",
-    ),
-    shard: str | None = typer.Option(
-        None,
-        "--shard",
-        help="i/n: this job writes only blocks b with b % n == i (independent batch jobs filling one cache).",
-    ),
-    skip_bad: bool = typer.Option(
-        False,
-        "--skip-bad",
-        help="Skip unreadable or inconsistent images (listed at the "
-        "end) instead of stopping at the first one.",
-    ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    repair: bool = typer.Option(
-        False,
-        "--repair",
-        help="Check every done block against its integrity manifest "
-        "(reads the whole cache: crc32c of every object), rewrite damaged metadata, and "
-        "re-extract the damaged or missing blocks. A plain rerun checks presence and "
-        "sizes only.",
-    ),
-) -> None:
+@with_options(INPUTS, STORAGE, RUN)
+def extract_cmd(**kw: Any) -> None:
     """Run the frozen detector once per image and write (or resume, or reuse) a Zarr cache.
 
     Resumes by default: blocks already done are skipped. Under `torchrun --nproc-per-node N -m mfdetr
@@ -154,41 +159,22 @@ def extract_cmd(
     from mfdetr.cache.storage import parse_project
     from mfdetr.extract.loop import ExtractOptions, MatchOptions, extract, parse_shard
 
-    opts = ExtractOptions(
-        topk=topk,
-        levels=comma_list(levels),
-        dtype=dtype,  # type: ignore[arg-type]
-        codec=codec,  # type: ignore[arg-type]
-        codec_level=codec_level,
-        keepbits=keepbits,
-        mask_size=mask_size,
-        match=MatchOptions(rule=match, iou_threshold=iou_threshold),  # type: ignore[arg-type]
-        block=block,
-        quant=quant,  # type: ignore[arg-type]
-        quant_bits=quant_bits,
-        project=parse_project(project),
-        box_mask=comma_list(box_mask),
-        box_margin=box_margin,
-        calib_images=calib_images,
+    storage = pick(kw, STORAGE)
+    match = MatchOptions(rule=storage.pop("match"), iou_threshold=storage.pop("iou_threshold"))
+    storage.update(
+        match=match,
+        levels=comma_list(storage["levels"]),
+        project=parse_project(storage["project"]),
+        box_mask=comma_list(storage["box_mask"]),
     )
+    run = pick(kw, RUN)
+    shard = run["shard"]
+    run.update(shard=parse_shard(shard), progress=not run.pop("no_progress"))
+    cache_root = kw["cache_root"]
     root = Path(cache_root) if cache_root and "://" not in cache_root else cache_root
+    opts = ExtractOptions(**storage)
     res = extract(
-        detector,
-        images,
-        annotations,
-        out=out,
-        cache_root=root,
-        opts=opts,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        writers=writers,
-        shard=parse_shard(shard),
-        skip_bad=skip_bad,
-        progress=not no_progress,
-        repair=repair,
-        force=force,
-        calib_from=calib_from,
+        kw["detector"], kw["images"], kw["annotations"], out=kw["out"], cache_root=root, opts=opts, **run
     )
     for f in res.repaired_files:
         typer.echo(f"repaired metadata file {f}")

@@ -2,8 +2,6 @@
 
 - ``FusedRoIAlign``: features (any layout/dtype) -> gathered rows; backward writes each level's gradient
   in the level's own memory format;
-- ``WeightedGather``: the flat API's gather from a ``flatten_levels`` buffer;
-- ``FlattenLevels``: ``flatten_levels``'s copy into the buffer, and its backward;
 - ``Plan`` / ``build``: a call's rois and options, and their tap lists (``taps.build_taps``).
 """
 
@@ -152,58 +150,3 @@ def _layout(f: Tensor) -> torch.memory_format:
     if not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
-
-
-class WeightedGather(torch.autograd.Function):
-    """Flat API: buffer [N, C] -> rows [nbags, C]; backward: the transposed gather."""
-
-    @staticmethod
-    def forward(ctx, buf: Tensor, idx: Tensor, w: Tensor, offsets: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(idx, w, offsets)
-        ctx.n_rows = buf.shape[0]
-        with parallel.serial(), no_autocast(buf.device):
-            return gather_rows(buf, idx, w, offsets, parallel.n_workers(buf.device))
-
-    @serial_backward
-    def backward(ctx, grad_rows: Tensor):  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        idx, w, offsets = ctx.saved_tensors
-        n_rows, C = ctx.n_rows, grad_rows.shape[1]
-        dev = grad_rows.device
-        gbuf = torch.empty((n_rows, C), dtype=grad_rows.dtype, device=dev)
-        if idx.numel() == 0:
-            gbuf.zero_()
-            return gbuf, None, None, None
-        step = max(1, parallel.CHUNK_BYTES // (C * gbuf.element_size())) if dev.type == "cpu" else n_rows
-        ranges = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
-
-        def write(j: int, rows: Tensor) -> None:
-            gbuf[ranges[j][0] : ranges[j][1]].copy_(rows)
-
-        transposed_gather(
-            grad_rows.contiguous(), idx, w, offsets, n_rows, ranges, write, parallel.n_workers(dev)
-        )
-        return gbuf, None, None, None
-
-
-class FlattenLevels(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, dtype: torch.dtype, *features: Tensor) -> Tensor:  # type: ignore[override]
-        B, C = features[0].shape[:2]
-        n_rows = sum(B * f.shape[2] * f.shape[3] for f in features)
-        buf = torch.empty((n_rows, C), dtype=dtype, device=features[0].device)
-        with parallel.serial():
-            flatten_into(buf, features, parallel.n_workers(buf.device))
-        ctx.meta = [(tuple(f.shape), f.dtype) for f in features]
-        return buf
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grads = []
-        o = 0
-        for ((B, C, H, W), dt), need in zip(ctx.meta, ctx.needs_input_grad[1:]):
-            n = B * H * W
-            grads.append(grad[o : o + n].view(B, H, W, C).permute(0, 3, 1, 2).to(dt) if need else None)
-            o += n
-        return (None, *grads)

@@ -35,9 +35,9 @@ the reference definition, which may be faster on CUDA where torchvision has a na
 (``fused`` on the CPU, ``AUTO_BACKEND_CUDA`` on CUDA; ``benchmarks/gpu_suite.py`` times both). Output and
 gradients agree either way (up to float rounding); only the result's memory layout differs.
 
-Files: this module holds the argument checks, the reference definition, the backend choice and the public
-API; the buffer copy and the gathers (forward and transposed) are in ``gather.py``, the autograd Functions
-in ``autograd.py``.
+Files: this module holds the argument checks, the torchvision backend (the definition), the backend
+choice and the public API; the buffer copy and the gathers (forward and transposed) are in
+``gather.py``, the autograd Functions in ``autograd.py``.
 """
 
 from __future__ import annotations
@@ -50,17 +50,13 @@ import torch
 from torch import Tensor
 
 from mfdetr.errors import MfdetrError
-from mfdetr.ops import parallel, taps
-from mfdetr.ops.autograd import FlattenLevels, FusedRoIAlign, Plan, WeightedGather, build
+from mfdetr.ops import taps
+from mfdetr.ops.autograd import FusedRoIAlign, Plan
 from mfdetr.ops.parallel import release_workspace
-from mfdetr.ops.taps import LevelShape
 
 __all__ = [
     "BACKENDS",
-    "flatten_levels",
     "multilevel_roi_align",
-    "multilevel_roi_align_flat",
-    "multilevel_roi_align_reference",
     "release_workspace",
     "resolve_backend",
 ]
@@ -123,34 +119,6 @@ def _check_features(features: Sequence[Tensor], spatial_scales: Sequence[float])
 
 # ----------------------------------------------------------------------------------------------------
 # the definition
-
-
-def multilevel_roi_align_reference(
-    features: Sequence[Tensor],
-    rois: Tensor | Sequence[Tensor],
-    spatial_scales: Sequence[float],
-    output_size: int | tuple[int, int],
-    sampling_ratio: int = -1,
-    aligned: bool = True,
-    per_level: bool = False,
-) -> Tensor:
-    """The definition: torchvision ``roi_align`` once per level, summed (or stacked on dim 1).
-
-    Computed in float32 for bf16/fp16 inputs (cast back at the end).
-    """
-    from torchvision.ops import roi_align as tv_roi_align
-
-    _check_features(features, spatial_scales)
-    f0 = features[0]
-    ct = _compute_dtype(f0.dtype)
-    r = _as_rois(rois, ct, f0.device)
-    size = _pair(output_size)
-    outs = [
-        tv_roi_align(f.to(ct), r, size, float(s), sampling_ratio, aligned)
-        for f, s in zip(features, spatial_scales)
-    ]
-    out = torch.stack(outs, dim=1) if per_level else torch.stack(outs, dim=0).sum(dim=0)
-    return out.to(f0.dtype)
 
 
 def resolve_backend(backend: str | None, device: torch.device | str) -> str:
@@ -218,59 +186,6 @@ def _split_rois(fn: Callable[[Tensor], Tensor], rois: Tensor) -> Tensor:
                 "one roi needs more than 2**31 taps (a huge box with adaptive sampling?)"
             ) from None
         return torch.cat([_split_rois(fn, rois[: R // 2]), _split_rois(fn, rois[R // 2 :])], dim=0)
-
-
-def flatten_levels(
-    features: Sequence[Tensor], dtype: torch.dtype | None = None
-) -> tuple[Tensor, list[LevelShape]]:
-    """Copy per-level maps ``[B,C,H_l,W_l]`` into one channels-last buffer ``[sum_l B*H_l*W_l, C]``.
-
-    Row of (level l, image b, y, x) = ``sum_{l'<l} B*H_l'*W_l' + (b*H_l + y)*W_l + x``. Differentiable.
-    ``dtype`` defaults to float64 for float64 features, else float32 (bf16/fp16 accumulate in float32).
-    Returns ``(buffer, [(B, H_l, W_l), ...])`` for ``multilevel_roi_align_flat``.
-    """
-    dtype = dtype or _compute_dtype(features[0].dtype)
-    shapes = [(int(f.shape[0]), int(f.shape[2]), int(f.shape[3])) for f in features]
-    return FlattenLevels.apply(dtype, *features), shapes
-
-
-def multilevel_roi_align_flat(
-    buffer: Tensor,
-    shapes: Sequence[LevelShape],
-    rois: Tensor | Sequence[Tensor],
-    spatial_scales: Sequence[float],
-    output_size: int | tuple[int, int],
-    sampling_ratio: int = -1,
-    aligned: bool = True,
-    per_level: bool = False,
-) -> Tensor:
-    """``multilevel_roi_align`` on a channels-last buffer from ``flatten_levels`` (float32/float64).
-
-    Returns ``[R, C, Sh, Sw]`` (``[R, L, C, Sh, Sw]`` with ``per_level``) in ``buffer.dtype``, as a
-    channels-last view. Differentiable w.r.t. ``buffer``.
-    """
-    if buffer.dim() != 2:
-        raise ValueError(f"buffer must be [N, C], got {tuple(buffer.shape)}")
-    if buffer.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"buffer must be float32 or float64, got {buffer.dtype}")
-    if len(shapes) != len(spatial_scales) or not shapes:
-        raise ValueError("need one spatial scale per level (and at least one level)")
-    if sum(b * h * w for b, h, w in shapes) != buffer.shape[0]:
-        raise ValueError("buffer rows do not match the level shapes")
-    if buffer.shape[0] >= 2**31:
-        raise ValueError("more than 2**31 buffer rows")
-    out_hw = _pair(output_size)
-    ct = buffer.dtype
-    r_all = _as_rois(rois, ct, buffer.device)
-    workers = parallel.n_workers(buffer.device)
-    plan = Plan(r_all, list(spatial_scales), out_hw, int(sampling_ratio), bool(aligned), per_level, ct)
-
-    def run(r: Tensor) -> Tensor:
-        idx, w, offsets = build(replace(plan, rois=r), shapes, workers)
-        rows = WeightedGather.apply(buffer, idx, w, offsets)
-        return _shape_rows(rows, r.shape[0], len(shapes), out_hw, per_level)
-
-    return _split_rois(run, r_all)
 
 
 def multilevel_roi_align(
