@@ -22,7 +22,8 @@ TOPK = 12
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Tiny synth train/val splits, float32 caches, one short training run."""
+    """Tiny synth train/val splits, float32 caches with the pixel level px1, one short training run of
+    a net with the pixel refinement (``predict`` rebuilds the pixel level from the checkpoint's levels)."""
     from mfdetr.cache.schema import ExtractOptions
     from mfdetr.data.synth import make_synth
     from mfdetr.extract.loop import extract
@@ -32,7 +33,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("e2e")
     info = make_synth(root / "data", train=6, val=3, size=64, seed=3, workers=1)
-    opts = ExtractOptions(topk=TOPK, mask_size=16, dtype="float32")
+    opts = ExtractOptions(topk=TOPK, mask_size=16, dtype="float32", levels=["f8", "f16", "px1"])
     caches = {}
     for split in ("train", "val"):
         res = extract(
@@ -45,9 +46,10 @@ def trained(tmp_path_factory):
             progress=False,
         )
         caches[split] = res.path
-    # narrow and shallow (one block per stage, no cross-level attention), with 2x upsampled masks
+    # narrow and shallow (one block per stage, no cross-level attention), 16x16 refined masks
     shallow = dict(image_encoder_depth=1, coarse_attn_layers=0, box_encoder_layers=1)
-    net = MaskNetConfig(dim=16, box_dim=16, roi_size=8, mask_upsample=2, **shallow)
+    refine = dict(pixel_refine=16, refine_points=32, refine_infer_points=64)
+    net = MaskNetConfig(dim=16, box_dim=16, roi_size=8, **refine, **shallow)
     cfg = small_train(model=net, loss=LossConfig(), epochs=1, batch_size=3, warmup_iters=1, log_every=100)
     run = train_from_cache(caches["train"], root / "run", cfg, progress=False)
     return {"root": root, "info": info, "caches": caches, "ckpt": Path(run.checkpoint)}

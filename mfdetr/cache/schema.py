@@ -84,7 +84,8 @@ class ExtractOptions:
     """What `mfdetr extract` stores and how (all part of the cache fingerprint).
 
     topk: boxes kept per image (K of the arrays; the detector is built with this top-k).
-    levels: feature level names to keep (None = the detector's default levels).
+    levels: feature level names to keep (None = the detector's default levels); ``pxN`` adds the network-input
+        RGB at stride N (``mfdetr/detectors/pixels.py``).
     dtype: storage dtype of queries and feature maps: float16 | bfloat16 | float32. float16 values
         beyond +-65504 are clamped to it.
     codec: compressor of every array: blosc-zstd (Blosc zstd, byte shuffle; the default: as small as

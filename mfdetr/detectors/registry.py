@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from mfdetr.detectors.base import FrozenDetector, LevelSpec
+from mfdetr.detectors.pixels import PixelLevels, split_pixel_levels
 from mfdetr.errors import MfdetrError
 
 SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "shapes"
@@ -51,7 +52,23 @@ def build_detector(
     levels: feature level names to return (``None`` = the detector's default: stride-4 backbone + encoder levels).
     topk: boxes kept per image (top-k over query x class).
     label_map: JSON file or dict ``{model_label_id: dataset_category_id}``; unmapped classes are dropped.
+
+    Level names ``pxN`` in ``levels`` add the network-input image at stride N
+    (:mod:`mfdetr.detectors.pixels`) to any detector's outputs.
     """
+    own, pixels = split_pixel_levels(levels)
+    det = _build(spec, categories, device, own, topk, label_map)
+    return PixelLevels(det, pixels) if pixels else det
+
+
+def _build(
+    spec: str,
+    categories: Sequence[dict[str, Any]] | None,
+    device: str | torch.device,
+    levels: Sequence[str] | None,
+    topk: int,
+    label_map: str | Path | dict | None,
+) -> FrozenDetector:
     if not isinstance(spec, str) or not spec.strip():
         raise MfdetrError(f"empty detector spec; {supported_specs()}")
     spec = spec.strip()

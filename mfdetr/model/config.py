@@ -59,6 +59,16 @@ class MaskNetConfig:
         query's class/pose knowledge draws the coarse shape where the stride-4 features are too coarse
         (small boxes) and the features only have to place the boundary.
     iou_head: predict each box's mask IoU (mask scoring; final score = detection score x IoU).
+    pixel_refine: side of the refined masks when the cache has a pixel level (``pxN``, the network-input
+        RGB; ``mfdetr/model/pixel_refine.py``; either head): every cell of a pixel_refine x pixel_refine grid over the
+        box gets the coarse logit plus an MLP's correction from the box features there and the RGB of
+        a 3x3 pixel patch around it, so boundaries snap to image edges. 0 = never refine.
+    refine_dim: hidden width of that MLP.
+    refine_colour: the MLP also reads the cell's colour minus the box's object colour and minus its
+        background colour (means over the box weighted by the coarse mask probability and its complement).
+    refine_points: points per box the refinement is trained on (the most uncertain of the coarse logits,
+        Mask2Former/PointRend importance sampling); refine_infer_points: cells refined per box at
+        inference (the least certain; the others keep the upsampled coarse logit).
     fcn_roi_size / fcn_convs / fcn_dim: the FCN baseline's RoIAlign size, number of 3x3 convs and
         width (0 = ``dim``); its masks are ``2 * fcn_roi_size`` after the deconv.
     """
@@ -84,6 +94,11 @@ class MaskNetConfig:
     mask_upsample: int = 1
     query_prior: int = 0
     iou_head: bool = True
+    pixel_refine: int = 64
+    refine_dim: int = 32
+    refine_colour: bool = True
+    refine_points: int = 256
+    refine_infer_points: int = 1024
     fcn_roi_size: int = 14
     fcn_convs: int = 4
     fcn_dim: int = 0

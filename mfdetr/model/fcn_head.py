@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mfdetr.detectors.base import LevelSpec
 from mfdetr.model.config import MaskNetConfig
-from mfdetr.model.head_base import MaskNetBase, finish_output, run_in_chunks
+from mfdetr.model.head_base import MaskNetBase, run_in_chunks
 from mfdetr.model.iou_head import MaskIoUHead
 
 
@@ -42,7 +42,7 @@ class FCNMaskNet(MaskNetBase):
         nn.init.normal_(self.logits.weight, std=0.001)
         nn.init.zeros_(self.logits.bias)
         self.iou_head = MaskIoUHead(width, 0) if cfg.iou_head else None
-        self.mask_size = 2 * cfg.fcn_roi_size * cfg.mask_upsample
+        self._init_refiner(width, 2 * cfg.fcn_roi_size * cfg.mask_upsample)
 
     def forward(self, batch: dict[str, Any], select: Tensor | None = None) -> dict[str, Tensor]:
         maps, strides, rows, rois = self.features_and_rois(batch, select)
@@ -51,7 +51,9 @@ class FCNMaskNet(MaskNetBase):
             x = self.pool(maps, strides, rois[idx], self.cfg.fcn_roi_size)
             x = F.relu(self.deconv(self.convs(x)))
             logits = self.logits(x).squeeze(1)
-            return logits, (self.iou_head(x, logits) if self.iou_head is not None else None)
+            iou = self.iou_head(x, logits) if self.iou_head is not None else None
+            return self.refine(batch, logits, x, rois[idx], refined), iou
 
+        refined: list[tuple[Tensor, Tensor]] = []
         logits, iou_logit = run_in_chunks(boxes, rows.shape[0], self.training)
-        return finish_output(logits, iou_logit, rows, self.cfg.mask_upsample)
+        return self.output(logits, iou_logit, rows, refined)

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mfdetr.detectors.base import LevelSpec
+from mfdetr.detectors.pixels import is_pixel_level
 from mfdetr.errors import MfdetrError
 from mfdetr.model.config import MaskNetConfig
 from mfdetr.model.image_encoder import ImageEncoder
+from mfdetr.model.losses import uncertain_points
+from mfdetr.model.pixel_refine import PixelRefiner
 from mfdetr.ops.roi_align import multilevel_roi_align
 
 
@@ -24,6 +27,8 @@ class MaskNetBase(nn.Module):
     levels: list[LevelSpec]
     query_dim: int
     mask_size: int
+    pixel_level: LevelSpec | None
+    refiner: PixelRefiner | None
 
     def _init_base(
         self, cfg: MaskNetConfig, levels: Sequence[LevelSpec], query_dim: int, fine_dim: int | None = None
@@ -32,14 +37,22 @@ class MaskNetBase(nn.Module):
         self.all_levels = list(levels)
         self.query_dim = int(query_dim)
         by_name = {lv.name: lv for lv in levels}
-        names = list(cfg.levels) if cfg.levels else [lv.name for lv in levels]
+        names = list(cfg.levels) if cfg.levels else [lv.name for lv in levels if not is_pixel_level(lv)]
         missing = [n for n in names if n not in by_name]
         if missing:
             raise MfdetrError(
                 f"mask network config asks for level(s) {missing} but the cache has levels "
                 f"{[lv.name for lv in levels]}; fix model.levels"
             )
+        if any(is_pixel_level(n) for n in names):
+            raise MfdetrError(
+                f"model.levels {names} lists a pixel level: pixel levels feed the pixel refinement "
+                "(model.pixel_refine), not the image encoder; leave them out of model.levels"
+            )
         self.levels = [by_name[n] for n in names]
+        # the finest pixel level, for the pixel refinement of the heads that have one
+        pixels = sorted((lv for lv in levels if is_pixel_level(lv)), key=lambda lv: lv.stride)
+        self.pixel_level = pixels[0] if pixels else None
         self.image_encoder = ImageEncoder(
             self.levels,
             cfg.dim,
@@ -51,10 +64,57 @@ class MaskNetBase(nn.Module):
             fine_dim=fine_dim,
         )
 
+    def _init_refiner(self, feat_dim: int, mask_size: int) -> None:
+        """The pixel refinement over box features of ``feat_dim`` channels when the cache has a pixel level
+        and ``cfg.pixel_refine > 0``; ``mask_size``: the head's own mask side without it."""
+        cfg = self.cfg
+        on = self.pixel_level is not None and cfg.pixel_refine > 0
+        self.refiner = (
+            PixelRefiner(
+                self.pixel_level, feat_dim, cfg.pixel_refine, cfg.refine_dim, colour=cfg.refine_colour
+            )
+            if on and self.pixel_level is not None
+            else None
+        )
+        self.mask_size = cfg.pixel_refine if self.refiner is not None else mask_size
+
+    def refine(
+        self,
+        batch: dict[str, Any],
+        logits: Tensor,
+        feats: Tensor,
+        rois: Tensor,
+        refined: list[tuple[Tensor, Tensor]],
+    ) -> Tensor:
+        """One chunk of boxes' logits after the pixel refinement: at inference the refined ``[r,M,M]``;
+        in training the coarse ones, with (refined logits [r,P], points [r,P,2]) at the
+        ``refine_points`` most uncertain points of the coarse logits appended to ``refined``."""
+        if self.refiner is None or self.pixel_level is None:
+            return logits
+        pixels = batch["features"][self.pixel_level.name]
+        f = self.refiner.project(feats)
+        if not self.training:
+            return self.refiner.dense(logits, f, pixels, rois, self.cfg.refine_infer_points)
+        coords = uncertain_points(logits, self.cfg.refine_points)
+        refined.append((self.refiner.point_logits(logits, f, pixels, rois, coords), coords))
+        return logits
+
+    def output(
+        self, logits: Tensor, iou_logit: Tensor | None, rows: Tensor, refined: list[tuple[Tensor, Tensor]]
+    ) -> dict[str, Tensor]:
+        """The forward contract (``finish_output``), plus ``refine_logits`` / ``refine_coords`` in training."""
+        out = finish_output(
+            logits, iou_logit, rows, 1 if self.refiner is not None else self.cfg.mask_upsample
+        )
+        if refined:
+            out["refine_logits"] = torch.cat([r[0] for r in refined])
+            out["refine_coords"] = torch.cat([r[1] for r in refined])
+        return out
+
     def check_batch(self, batch: dict[str, Any]) -> None:
         """A clear error when the batch's levels, channels or query width do not fit this network."""
         feats = batch["features"]
-        for lv in self.levels:
+        for lv in self.levels + ([self.pixel_level] if self.pixel_level is not None else []):
             if lv.name not in feats:
                 raise MfdetrError(
                     f"the batch has no feature level {lv.name!r} (it has {sorted(feats)}); the mask "

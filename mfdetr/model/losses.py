@@ -228,6 +228,13 @@ def compute_losses(
     if cfg.overlap_points > 0 and cfg.mask_loss == "point" and bool(matched.any()):
         extra = overlap_points(batch, rows[matched], cfg.overlap_points, cfg.oversample_ratio, generator)
     bce, dice = mask_loss(m_logits, m_targets, cfg, generator, extra)
+    if "refine_logits" in out:  # the pixel refinement, at the points the network refined
+        r_logits = out["refine_logits"]
+        if bool(matched.any()):
+            labels = point_sample(m_targets.to(r_logits.dtype), out["refine_coords"][matched], mode="nearest")
+            r_bce, r_dice = sigmoid_bce_dice(r_logits[matched], labels)
+            bce, dice = bce + r_bce.mean(), dice + r_dice.mean()
+        logits = torch.cat([logits.flatten(1), r_logits], dim=1)  # keeps every output in the graph
     iou_t = torch.zeros_like(iou_pred)
     if matched.any():
         iou_t[matched] = mask_iou(m_logits.detach(), m_targets)

@@ -11,7 +11,9 @@
    │ BoxEncoder       (2 residual depthwise-separable conv blocks, or + pooled box attention)
    ▼
  mask logits [R, 32, 32] = box features . mask_embed(query)     iou_pred [R] = MaskIoUHead(features,
-                                                                           mask, query)
+   │                                                                       mask, query)
+   │ PixelRefiner (with a pxN level in the cache): on a 64x64 grid, coarse logit + MLP(box features,
+   ▼   3x3 RGB pixel patch) -> mask logits [R, 64, 64]
 ```
 
 ``MaskNet.forward(batch, select=None) -> {"mask_logits": [R,M,M], "iou_pred": [R], "rows": [R,2]}``
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 from mfdetr.detectors.base import LevelSpec
 from mfdetr.model.box_encoder import BoxEncoder
 from mfdetr.model.config import MaskNetConfig
-from mfdetr.model.head_base import MaskNetBase, finish_output, run_in_chunks
+from mfdetr.model.head_base import MaskNetBase, run_in_chunks
 from mfdetr.model.image_encoder import Pointwise
 from mfdetr.model.iou_head import MaskIoUHead
 from mfdetr.model.query_encoder import DotMaskPredictor, QueryEncoder, QueryShapePrior
@@ -63,7 +65,7 @@ class MaskNet(MaskNetBase):
             self.predictor = Pointwise(bd, 1)
         self.prior = QueryShapePrior(d, cfg.query_prior) if cfg.query_prior > 0 else None
         self.iou_head = MaskIoUHead(bd, d) if cfg.iou_head else None
-        self.mask_size = cfg.roi_size * cfg.mask_upsample
+        self._init_refiner(bd, cfg.roi_size * cfg.mask_upsample)
 
     def forward(self, batch: dict[str, Any], select: Tensor | None = None) -> dict[str, Tensor]:
         maps, strides, rows, rois = self.features_and_rois(batch, select)
@@ -84,10 +86,12 @@ class MaskNet(MaskNetBase):
             )
             if self.prior is not None:
                 logits = logits + self.prior(q, logits.shape[-1]).to(logits.dtype)
-            return logits, (self.iou_head(x, logits, q) if self.iou_head is not None else None)
+            iou = self.iou_head(x, logits, q) if self.iou_head is not None else None
+            return self.refine(batch, logits, x, rois[idx], refined), iou
 
+        refined: list[tuple[Tensor, Tensor]] = []
         logits, iou_logit = run_in_chunks(boxes, rows.shape[0], self.training)
-        return finish_output(logits, iou_logit, rows, self.cfg.mask_upsample)
+        return self.output(logits, iou_logit, rows, refined)
 
     @staticmethod
     def _objects(batch: dict[str, Any], rows: Tensor, q_all: Tensor) -> tuple[Tensor, Tensor, Tensor]:
