@@ -6,13 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from mfdetr.detectors.base import LevelSpec
 from mfdetr.model.checkpoint import read_checkpoint
 from mfdetr.ops import parallel
 from mfdetr.train.loop import train_from_cache
-from tests.synth_batches import SyntheticCache
-from tests.tiny_train import small_train
+from tests.synth_batches import LEVELS, SyntheticCache
+from tests.tiny_train import small_net, small_train
 
 BUSY = "import time\nend = time.time() + 60\nwhile time.time() < end:\n    pass\n"
 
@@ -39,9 +41,14 @@ def test_thread_split_ignores_the_load_unless_asked(monkeypatch):
     assert out.stdout.strip() == "True", out.stderr
 
 
-def test_same_training_beside_busy_processes_is_bitwise_equal(tmp_path, monkeypatch):
-    ds = SyntheticCache(8)
-    cfg = small_train(epochs=1, threads=2)
+@pytest.mark.parametrize("pixels", [False, True], ids=["plain", "pixel-refine"])
+def test_same_training_beside_busy_processes_is_bitwise_equal(tmp_path, monkeypatch, pixels):
+    if pixels:  # a pixel level and the pixel refinement (its point sampling, patches, colours)
+        ds = SyntheticCache(8, levels=LEVELS + [LevelSpec("px1", 1, 3)])
+        cfg = small_train(epochs=1, threads=2, model=small_net(pixel_refine=16, refine_points=32))
+    else:
+        ds = SyntheticCache(8)
+        cfg = small_train(epochs=1, threads=2)
     monkeypatch.setattr(parallel.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine (shared here)
     quiet = train_from_cache(ds, tmp_path / "quiet", cfg, progress=False)
     # busy processes, and the load average a machine shows after minutes of them (a 1-minute mean)
