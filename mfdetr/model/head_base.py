@@ -68,12 +68,11 @@ class MaskNetBase(nn.Module):
         """The pixel refinement over box features of ``feat_dim`` channels when the cache has a pixel level
         and ``cfg.pixel_refine > 0``; ``mask_size``: the head's own mask side without it."""
         cfg = self.cfg
-        on = self.pixel_level is not None and cfg.pixel_refine > 0
         self.refiner = (
             PixelRefiner(
                 self.pixel_level, feat_dim, cfg.pixel_refine, cfg.refine_dim, colour=cfg.refine_colour
             )
-            if on and self.pixel_level is not None
+            if self.pixel_level is not None and cfg.pixel_refine > 0
             else None
         )
         self.mask_size = cfg.pixel_refine if self.refiner is not None else mask_size

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mfdetr.detectors.base import LevelSpec
+from mfdetr.model.losses import point_sample
 
 PATCH = 3  # pixels per side of the RGB patch around each cell
 CENTRE = [c * PATCH * PATCH + PATCH * PATCH // 2 for c in range(3)]  # the centre pixel's channels
@@ -70,11 +71,8 @@ class PixelRefiner(nn.Module):
         self, logits: Tensor, feats: Tensor, pixels: Tensor, rois: Tensor, coords: Tensor
     ) -> Tensor:
         """Refined logits [R,P] at ``coords`` [R,P,2]: the coarse logit there plus the MLP's correction."""
+        coarse = point_sample(logits, coords)  # border padding: as F.interpolate up to the box's edges
         grid = (2.0 * coords - 1.0).unsqueeze(1).to(feats.dtype)  # [R,1,P,2]
-        # border padding: bilinear like F.interpolate(align_corners=False) up to the box's edges
-        coarse = F.grid_sample(
-            logits.unsqueeze(1), grid.to(logits.dtype), padding_mode="border", align_corners=False
-        )[:, 0, 0]
         f = F.grid_sample(feats, grid, padding_mode="border", align_corners=False)[:, :, 0].transpose(1, 2)
         rgb = self.patches(pixels, rois, coords).to(f.dtype)  # [R,P,3*PATCH^2]
         parts = [coarse.unsqueeze(-1).to(f.dtype), f, rgb]
