@@ -230,6 +230,7 @@ def _row(name: str, r: dict) -> str:
         f"| {name} | {r['n']} | {min(f):.2f} / {med(f):.2f} | {min(e):.2f} / {med(e):.2f} "
         f"| {100 * r['overhead_min']:+.1f}% / {100 * r['overhead_median']:+.1f}% | {fc:.1f} / {ec:.1f} | "
         f"{cpu} | {t['detect']:.2f} | {t['write']:.2f} | {1e3 * t.get('write_cpu', float('nan')) / r['n']:.0f} | "
+        f"{t.get('writer_start_cpu', float('nan')):.1f} | "
         f"{t['load_wait']:.2f} | {t['put_wait']:.2f} | {t.get('final_write_wait', 0):.2f} | {t['setup']:.2f} |"
     )
 
@@ -337,10 +338,10 @@ def main() -> None:
     print(
         "| detector | images | forward alone s (min / median) | extract s (min / median) "
         "| wall overhead (min / median) | CPU s forward / extract (median) | CPU overhead | in-extract detect s "
-        "| writers busy s | writer CPU ms/img | waited for images s | waited for writers s "
+        "| writers busy s | writer CPU ms/img | writer start-up CPU s | waited for images s | waited for writers s "
         "| writers' tail after last forward s | setup s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -271,6 +271,9 @@ def test_writer_modes_give_the_same_bytes_and_report_errors(data, tmp_path, writ
     ref = extract_into(_det(ds), images, ann, tmp_path / "ref.zarr", opts, writers=1)
     res = extract_into(_det(ds), images, ann, tmp_path / "w.zarr", opts, writers=writers)
     assert res.images_written == len(ds) and res.timings["write"] > 0
+    # writer processes report their start-up CPU (store open, imports) apart from the per-image CPU
+    assert ref.timings["writer_start_cpu"] > 0 and ref.timings["write_cpu"] > 0
+    assert ("writer_start_cpu" in res.timings) == (writers > 0)
     assert_same_tree(ref.path, res.path)
 
     class Broken(FakeDetector):

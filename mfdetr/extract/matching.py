@@ -173,6 +173,12 @@ def match_boxes(
     return gt_index, ious
 
 
+def preload() -> None:
+    """Import what the mask crops need (torchvision's ops pull in ``torch._dynamo``: seconds of CPU,
+    once per process), so that a writer process pays it at start, not on its first matched image."""
+    import torchvision.ops  # noqa: F401
+
+
 def crop_mask_targets(masks: Any, boxes: Any, gt_index: Any, size: int) -> np.ndarray:
     """GT masks cropped to the predicted boxes: ``[K, size, size]`` bool (all False where unmatched).
 

@@ -35,6 +35,7 @@ class ExtractResult:
         and metadata files rewritten (see ``mfdetr.cache.integrity``);
     timings: seconds: total, setup, detect (detector forward), load_wait (waiting for decoded
         images), write (writers busy, summed), write_cpu (their CPU seconds; writer processes only),
+        writer_start_cpu (the writer processes' start-up CPU seconds, summed: store open, imports),
         put_wait (detector waiting for the writers), final_write_wait (writers finishing after the
         last forward), and images_per_s.
     """

@@ -14,6 +14,7 @@ import torch
 from mfdetr.cache.floats import merge_stats
 from mfdetr.cache.writer import BlockWriter, create_or_open
 from mfdetr.errors import MfdetrError
+from mfdetr.extract.matching import preload
 from mfdetr.extract.sink import Sink
 from mfdetr.utils.fs import is_disk_full
 
@@ -94,7 +95,10 @@ def _writer_process_main(path: str, meta: dict[str, Any], q_in: Any, q_out: Any,
     _die_with_parent()
     torch.set_num_threads(1)
     try:
+        c0 = time.process_time()  # start-up (store open, imports): once per process, not per image
+        preload()
         sink = Sink(BlockWriter(create_or_open(path, meta, create=False), meta), meta)
+        start_cpu = time.process_time() - c0
         while True:
             try:
                 item = q_in.get(timeout=1.0)
@@ -105,7 +109,7 @@ def _writer_process_main(path: str, meta: dict[str, Any], q_in: Any, q_out: Any,
             if item is None:
                 break
             sink.handle(item)
-        q_out.put(("done", sink.written, sink.busy_s, sink.f16_stats, sink.busy_cpu_s))
+        q_out.put(("done", sink.written, sink.busy_s, sink.f16_stats, sink.busy_cpu_s, start_cpu))
     except BaseException as e:
         q_out.put(
             (
@@ -142,6 +146,7 @@ class ProcessWriter:
         for p in self.procs:
             p.start()
         self.results: list[tuple] = []
+        self.start_cpu: float | None = None  # CPU seconds of the processes' start-up, summed (after finish)
 
     def _check(self) -> None:
         while True:
@@ -202,6 +207,7 @@ class ProcessWriter:
         stats: dict[str, dict[str, int]] = {}
         for r in self.results:
             merge_stats(stats, r[3])
+        self.start_cpu = sum(r[5] for r in self.results)
         return written, busy, stats, sum(r[4] for r in self.results)
 
     def abort(self) -> None:
