@@ -234,7 +234,7 @@ def extract(
             transfer.merge_stats_into(f16_stats)
             if write_cpu is not None:
                 timings["write_cpu"] = write_cpu
-            if getattr(bg, "start_cpu", None) is not None:
+            if bg.start_cpu is not None:
                 timings["writer_start_cpu"] = bg.start_cpu
             timings["final_write_wait"] = time.perf_counter() - t0
         except BaseException as e:

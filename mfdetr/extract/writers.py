@@ -34,6 +34,7 @@ class ThreadWriter:
 
     def __init__(self, writer: BlockWriter, meta: dict[str, Any], maxsize: int) -> None:
         self.sink = Sink(writer, meta)
+        self.start_cpu: float | None = None  # no start-up of its own: it runs in the extract process
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         self.stop_now = threading.Event()
