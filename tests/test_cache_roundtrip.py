@@ -157,6 +157,13 @@ def test_fingerprint_mismatch_is_a_clear_error(data, tmp_path):
     (junk / "notes.txt").write_text("hello")
     with pytest.raises(MfdetrError, match="not a Zarr store"):
         _run(data, junk)
+    # a concurrent job caught mid-write of the root zarr.json (Zarr writes a temp file, then renames it):
+    # the directory is not someone else's, and creation goes on
+    racing = tmp_path / "racing.zarr"
+    racing.mkdir()
+    (racing / "zarr.0123abcd.partial").write_bytes(b"{")
+    _run(data, racing)
+    assert open_cache(racing).attrs["mfdetr"]["dataset"]["num_images"] > 0
     g = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     g.create_array("x", shape=(2,), dtype="int32")
     with pytest.raises(MfdetrError, match="not an mfdetr cache"):

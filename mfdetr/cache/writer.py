@@ -81,7 +81,13 @@ def _describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
 def _check_local_target(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise MfdetrError(f"cache path {path} exists and is a file, not a Zarr store; choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+    # "*.partial" are Zarr's in-flight atomic writes (temp file, then rename): a concurrent job creating
+    # this store right now, or a write a crash left behind; neither makes the directory someone else's
+    if (
+        path.is_dir()
+        and not (path / "zarr.json").exists()
+        and any(not p.name.endswith(".partial") for p in path.iterdir())
+    ):
         raise MfdetrError(
             f"cache path {path} is a non-empty directory that is not a Zarr store; choose another --out"
         )
