@@ -11,6 +11,7 @@ import zarr
 
 from mfdetr.cache.inspect import cache_info, verify
 from mfdetr.cache.reader import CacheDataset, open_cache
+from mfdetr.cache.schema import ATTR_KEY, INCOMPLETE_KEY
 from mfdetr.data.coco import CocoDataset
 from mfdetr.errors import MfdetrError
 from mfdetr.extract.loop import ExtractOptions, MatchOptions, extract
@@ -163,7 +164,9 @@ def test_fingerprint_mismatch_is_a_clear_error(data, tmp_path):
     racing.mkdir()
     (racing / "zarr.0123abcd.partial").write_bytes(b"{")
     _run(data, racing)
-    assert open_cache(racing).attrs["mfdetr"]["dataset"]["num_images"] > 0
+    made = open_cache(racing).attrs
+    assert INCOMPLETE_KEY not in made  # finished, not left half-created
+    assert made[ATTR_KEY]["dataset"] == open_cache(out).attrs[ATTR_KEY]["dataset"]
     g = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     g.create_array("x", shape=(2,), dtype="int32")
     with pytest.raises(MfdetrError, match="not an mfdetr cache"):
